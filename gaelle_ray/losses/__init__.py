@@ -1,0 +1,1 @@
+"""Sinkhorn-Knopp codes, the three GAELLE losses and the embedding queues (pure functions)."""

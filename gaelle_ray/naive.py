@@ -1,0 +1,160 @@
+"""Plain-loop GAELLE, written straight from method.md: the ground truth for the tests and
+the reference-style baseline of the benchmarks. Never on the training path.
+
+Each function loops the way the text (and the released script) reads: the projection
+head called once per spatial position, the losses summed pair by pair, Sinkhorn with the
+plain exponential.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gaelle_ray.model.backbone import feature_map
+
+
+def naive_semantic_attention(fmap: torch.Tensor, head, n_groups: int, temperature: float = 1.0) -> torch.Tensor:
+    """fmap: (N, C, h, w) -> (N*S, C) local descriptors, row = n*S + j.
+
+    The head (a module, in whatever mode it is) is called once per position p.
+    """
+    n, c, h, w = fmap.shape
+    feats = fmap.flatten(2)  # (N, C, P)
+    per_position = [head(feats[:, :, p]) for p in range(h * w)]  # P x (N, d)
+    a = torch.stack(per_position, dim=2)  # (N, d, P)
+    d = a.shape[1]
+    s = d // n_groups
+    a = F.normalize(a, dim=1) / temperature
+    a = a.softmax(dim=2)  # softmax over positions
+    cg = c // n_groups
+    rows = []
+    for img in range(n):
+        slots = []
+        for j in range(s):
+            parts = []
+            for k in range(n_groups):
+                attn = a[img, k * s + j]  # (P,)
+                parts.append(feats[img, k * cg:(k + 1) * cg] @ attn)  # (C/H,)
+            slots.append(torch.cat(parts))  # (C,)
+        rows.append(torch.stack(slots))  # (S, C)
+    return torch.cat(rows)  # (N*S, C)
+
+
+def naive_sinkhorn(scores: torch.Tensor, epsilon: float, n_iters: int = 3) -> torch.Tensor:
+    """SwAV's single-process Sinkhorn with the plain exponential. scores: (N, K) -> (N, K)."""
+    q = torch.exp(scores.double() / epsilon).t()  # (K, N)
+    k, n = q.shape
+    q = q / q.sum()
+    for _ in range(n_iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).t().float()
+
+
+def naive_ce(q: torch.Tensor, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CE(q, x) = -mean_rows sum_k q[k] log_softmax(x / tau)[k]. q, x: (N, K)."""
+    return -(q * F.log_softmax(x / temperature, dim=1)).sum(dim=1).mean()
+
+
+def naive_codes(scores: torch.Tensor, queue: torch.Tensor | None, epsilon: float, n_iters: int) -> torch.Tensor:
+    """Codes of one crop's scores (N, K) with optional queue scores (L, K) stacked before."""
+    n = scores.shape[0]
+    if queue is not None:
+        scores = torch.cat([queue, scores])
+    return naive_sinkhorn(scores, epsilon, n_iters)[-n:]
+
+
+def naive_global_loss(scores: torch.Tensor, codes: dict[int, torch.Tensor], batch_size: int,
+                      temperature: float) -> torch.Tensor:
+    """scores: (V*B, K) crop-major; codes: {crop i: (B, K)}. Loop over i and v != i."""
+    n_crops = scores.shape[0] // batch_size
+    loss = 0.0
+    for i, q in codes.items():
+        sub = 0.0
+        for v in range(n_crops):
+            if v == i:
+                continue
+            sub = sub + naive_ce(q, scores[v * batch_size:(v + 1) * batch_size], temperature)
+        loss = loss + sub / (n_crops - 1)
+    return loss / len(codes)
+
+
+def naive_local_loss(local_scores: torch.Tensor, local_codes: dict[int, torch.Tensor], batch_size: int,
+                     n_global: int, n_slots: int, temperature: float, slot_perm: Sequence[int] | None) -> torch.Tensor:
+    """local_scores: (Vg*B*S, K_l); local_codes: {crop i: (B*S, K_l)}; the other global crops predict."""
+    rows = batch_size * n_slots
+    loss = 0.0
+    for i, q in local_codes.items():
+        sub = 0.0
+        for v in range(n_global):
+            if v == i:
+                continue
+            r = local_scores[v * rows:(v + 1) * rows]  # (B*S, K_l)
+            if slot_perm is not None:
+                shuffled = []
+                for b in range(batch_size):
+                    for j in range(n_slots):
+                        shuffled.append(r[b * n_slots + int(slot_perm[j])])
+                r = torch.stack(shuffled)
+            sub = sub + naive_ce(q, r, temperature)
+        loss = loss + sub / (n_global - 1)
+    return loss / len(local_codes)
+
+
+def naive_l2g_loss(l2g_scores: torch.Tensor, codes: dict[int, torch.Tensor], batch_size: int,
+                   n_global: int, temperature: float) -> torch.Tensor:
+    """l2g_scores: (Vg*B, K); each global crop v predicts every global code."""
+    loss = 0.0
+    for v in range(n_global):
+        t = l2g_scores[v * batch_size:(v + 1) * batch_size]
+        loss = loss + sum(naive_ce(q, t, temperature) for q in codes.values()) / len(codes)
+    return loss / n_global
+
+
+def naive_forward(model, crops: Sequence[torch.Tensor]):
+    """The released script's forward: backbone per resolution, the head once per position,
+    local pooling per head group, the mean-local embedding per crop.
+
+    Returns the same fields as GaelleModel.forward, as a dict.
+    """
+    fmap = feature_map(model.backbone, crops[0])  # (Vg*B, C, h, w)
+    pooled = [torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)]
+    for batch in crops[1:]:
+        pooled.append(torch.flatten(F.adaptive_avg_pool2d(feature_map(model.backbone, batch), 1), 1))
+    e = F.normalize(model.projection_head(torch.cat(pooled)), dim=1)
+    local = naive_semantic_attention(fmap, model.projection_head, model.n_groups, model.attention_temperature)
+    l = F.normalize(model.local_projection_head(local), dim=1)
+    n_global_rows = fmap.shape[0]
+    means = []
+    for row in range(n_global_rows):
+        slots = l[row * model.n_slots:(row + 1) * model.n_slots]
+        if model.l2g_detach:
+            slots = slots.detach()
+        means.append(F.normalize(slots.mean(dim=0), dim=0))
+    m = torch.stack(means)
+    return {"embeddings": e, "scores": model.prototypes(e), "local_embeddings": l,
+            "local_scores": model.local_prototypes(l), "l2g_scores": model.l2g_prototypes(m)}
+
+
+def naive_losses(out: dict, batch_size: int, n_global: int, n_slots: int, crops_for_assign: Sequence[int],
+                 temperature: float, epsilon: float, n_iters: int, slot_perm=None,
+                 queue_scores=None, local_queue_scores=None, weights=(1 / 3, 1 / 3, 1 / 3)) -> dict:
+    """All terms from a naive_forward output, one crop pair at a time.
+
+    queue_scores / local_queue_scores: {crop i: (L, K)} or None.
+    """
+    rows = batch_size * n_slots
+    codes = {i: naive_codes(out["scores"][i * batch_size:(i + 1) * batch_size].detach(),
+                            None if queue_scores is None else queue_scores[i], epsilon, n_iters)
+             for i in crops_for_assign}
+    local_codes = {i: naive_codes(out["local_scores"][i * rows:(i + 1) * rows].detach(),
+                                  None if local_queue_scores is None else local_queue_scores[i], epsilon, n_iters)
+                   for i in crops_for_assign}
+    g = naive_global_loss(out["scores"], codes, batch_size, temperature)
+    loc = naive_local_loss(out["local_scores"], local_codes, batch_size, n_global, n_slots, temperature, slot_perm)
+    t = naive_l2g_loss(out["l2g_scores"], codes, batch_size, n_global, temperature)
+    total = weights[0] * g + weights[1] * loc + weights[2] * t
+    return {"total": total, "global": g, "local": loc, "l2g": t, "codes": codes}
