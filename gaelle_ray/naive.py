@@ -30,22 +30,22 @@ def naive_semantic_attention(fmap: torch.Tensor, head, n_groups: int, temperatur
     a = F.normalize(a, dim=1) / temperature
     a = a.softmax(dim=2)  # softmax over positions
     cg = c // n_groups
-    rows = []
-    for img in range(n):
-        slots = []
-        for j in range(s):
-            parts = []
-            for k in range(n_groups):
-                attn = a[img, k * s + j]  # (P,)
-                parts.append(feats[img, k * cg:(k + 1) * cg] @ attn)  # (C/H,)
-            slots.append(torch.cat(parts))  # (C,)
-        rows.append(torch.stack(slots))  # (S, C)
-    return torch.cat(rows)  # (N*S, C)
+    groups = []
+    for k in range(n_groups):  # group k's channels pooled with group k's S maps
+        maps = a[:, k * s:(k + 1) * s]  # (N, S, P)
+        groups.append(torch.bmm(feats[:, k * cg:(k + 1) * cg], maps.transpose(1, 2)))  # (N, C/H, S)
+    pooled = torch.cat(groups, dim=1)  # (N, C, S)
+    return pooled.transpose(1, 2).reshape(n * s, c)  # (N*S, C) row = n*S + j
 
 
-def naive_sinkhorn(scores: torch.Tensor, epsilon: float, n_iters: int = 3) -> torch.Tensor:
-    """SwAV's single-process Sinkhorn with the plain exponential. scores: (N, K) -> (N, K)."""
-    q = torch.exp(scores.double() / epsilon).t()  # (K, N)
+def naive_sinkhorn(scores: torch.Tensor, epsilon: float, n_iters: int = 3,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SwAV's single-process Sinkhorn with the plain exponential. scores: (N, K) -> (N, K).
+
+    float64 by default (a reference that does not overflow at eps 0.01); the published
+    script computes in float32.
+    """
+    q = torch.exp(scores.to(dtype) / epsilon).t()  # (K, N)
     k, n = q.shape
     q = q / q.sum()
     for _ in range(n_iters):
@@ -59,12 +59,13 @@ def naive_ce(q: torch.Tensor, x: torch.Tensor, temperature: float) -> torch.Tens
     return -(q * F.log_softmax(x / temperature, dim=1)).sum(dim=1).mean()
 
 
-def naive_codes(scores: torch.Tensor, queue: torch.Tensor | None, epsilon: float, n_iters: int) -> torch.Tensor:
+def naive_codes(scores: torch.Tensor, queue: torch.Tensor | None, epsilon: float, n_iters: int,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Codes of one crop's scores (N, K) with optional queue scores (L, K) stacked before."""
     n = scores.shape[0]
     if queue is not None:
         scores = torch.cat([queue, scores])
-    return naive_sinkhorn(scores, epsilon, n_iters)[-n:]
+    return naive_sinkhorn(scores, epsilon, n_iters, dtype)[-n:]
 
 
 def naive_global_loss(scores: torch.Tensor, codes: dict[int, torch.Tensor], batch_size: int,
@@ -141,17 +142,19 @@ def naive_forward(model, crops: Sequence[torch.Tensor]):
 
 def naive_losses(out: dict, batch_size: int, n_global: int, n_slots: int, crops_for_assign: Sequence[int],
                  temperature: float, epsilon: float, n_iters: int, slot_perm=None,
-                 queue_scores=None, local_queue_scores=None, weights=(1 / 3, 1 / 3, 1 / 3)) -> dict:
+                 queue_scores=None, local_queue_scores=None, weights=(1 / 3, 1 / 3, 1 / 3),
+                 sinkhorn_dtype: torch.dtype = torch.float64) -> dict:
     """All terms from a naive_forward output, one crop pair at a time.
 
     queue_scores / local_queue_scores: {crop i: (L, K)} or None.
     """
     rows = batch_size * n_slots
     codes = {i: naive_codes(out["scores"][i * batch_size:(i + 1) * batch_size].detach(),
-                            None if queue_scores is None else queue_scores[i], epsilon, n_iters)
+                            None if queue_scores is None else queue_scores[i], epsilon, n_iters, sinkhorn_dtype)
              for i in crops_for_assign}
     local_codes = {i: naive_codes(out["local_scores"][i * rows:(i + 1) * rows].detach(),
-                                  None if local_queue_scores is None else local_queue_scores[i], epsilon, n_iters)
+                                  None if local_queue_scores is None else local_queue_scores[i], epsilon, n_iters,
+                                  sinkhorn_dtype)
                    for i in crops_for_assign}
     g = naive_global_loss(out["scores"], codes, batch_size, temperature)
     loc = naive_local_loss(out["local_scores"], local_codes, batch_size, n_global, n_slots, temperature, slot_perm)

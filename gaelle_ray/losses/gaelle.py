@@ -163,8 +163,9 @@ def check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], out) -> No
               "l2g": ("l2g_scores", out.l2g_scores)}
     bad = []
     for name, value in terms.items():
+        value = value.detach()
         if not math.isfinite(float(value)):
             field, tensor = source[name]
-            why = "its scores are non-finite" if not bool(torch.isfinite(tensor).all()) else "its scores are finite"
+            why = "its scores are non-finite" if not bool(torch.isfinite(tensor.detach()).all()) else "its scores are finite"
             bad.append(f"{name} loss = {float(value)} ({field}: {why})")
-    raise NonFiniteLossError("non-finite GAELLE loss: " + ("; ".join(bad) or f"total = {float(total)}"))
+    raise NonFiniteLossError("non-finite GAELLE loss: " + ("; ".join(bad) or f"total = {float(total.detach())}"))

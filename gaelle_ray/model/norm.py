@@ -81,6 +81,8 @@ def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, means: torch.Tens
     powers = torch.arange(p - 1, -1, -1, device=means.device, dtype=torch.float64)  # (P,) P-1 .. 0
     weights = (m * (1.0 - m) ** powers).to(means.dtype)[:, None]  # (P, 1)
     keep = (1.0 - m) ** p
-    bn.running_mean.mul_(keep).add_((weights * means).sum(0).to(bn.running_mean.dtype))
-    bn.running_var.mul_(keep).add_((weights * unbiased_vars).sum(0).to(bn.running_var.dtype))
-    bn.num_batches_tracked.add_(p)
+    # through .data, as BatchNorm's own kernel does: autograd saved these buffers for the
+    # backward of the head's earlier (global) call and must not see a version bump
+    bn.running_mean.data.mul_(keep).add_((weights * means).sum(0).to(bn.running_mean.dtype))
+    bn.running_var.data.mul_(keep).add_((weights * unbiased_vars).sum(0).to(bn.running_var.dtype))
+    bn.num_batches_tracked.data.add_(p)
