@@ -51,7 +51,6 @@ class AugmentationConfig:
     min_scale_crops: tuple[float, ...] = (0.14, 0.05)
     max_scale_crops: tuple[float, ...] = (1.0, 0.14)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
     jitter_p: float = 0.8
     brightness: float = 0.8
     contrast: float = 0.8
@@ -433,7 +432,7 @@ def validate(config: Config, source: str = "<config>") -> None:
             fail("augmentation.min_scale_crops", f"[{i}] = {lo} is larger than max_scale_crops[{i}] = {hi}")
     if not 0 < aug.ratio[0] <= aug.ratio[1]:
         fail("augmentation.ratio", f"must be 0 < low <= high, got {list(aug.ratio)}")
-    probability("augmentation", "flip_p", "jitter_p", "grayscale_p", "blur_p")
+    probability("augmentation", "jitter_p", "grayscale_p", "blur_p")
     positive("augmentation", "brightness", "contrast", "saturation", "hue", allow_zero=True)
     if aug.hue > 0.5:
         fail("augmentation.hue", f"must be <= 0.5, got {aug.hue}")

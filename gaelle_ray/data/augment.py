@@ -83,6 +83,14 @@ class ColourConfig:
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
 
+    @classmethod
+    def from_config(cls, config) -> "ColourConfig":
+        """The colour settings of a validated gaelle_ray.config.Config (its augmentation section)."""
+        a = config.augmentation
+        return cls(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+                   jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
+                   blur_sigma=tuple(a.blur_sigma), mean=tuple(a.mean), std=tuple(a.std))
+
     def __post_init__(self) -> None:
         for name in ("blur_sigma", "mean", "std"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))

@@ -65,6 +65,13 @@ class MultiCropSpec:
     max_scale_crops: tuple[float, ...] = (1.0, 0.14)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
+    @classmethod
+    def from_config(cls, config) -> "MultiCropSpec":
+        """The crop spec of a validated gaelle_ray.config.Config (its augmentation section)."""
+        a = config.augmentation
+        return cls(size_crops=a.size_crops, nmb_crops=a.nmb_crops, min_scale_crops=a.min_scale_crops,
+                   max_scale_crops=a.max_scale_crops, ratio=a.ratio)
+
     def __post_init__(self) -> None:
         # Accept lists (YAML) but store tuples so the spec stays hashable and immutable.
         for name in ("size_crops", "nmb_crops", "min_scale_crops", "max_scale_crops", "ratio"):
