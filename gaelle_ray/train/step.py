@@ -1,0 +1,237 @@
+"""One GAELLE training step on one worker, and everything it carries between steps
+(optimiser, gradient scaler, queues, colour augmentation, counters). Plain torch: the
+Ray Train loop (train/loop.py) feeds it batches; tests drive it directly, in one process
+or in several gloo processes.
+
+A step: learning rate for this iteration -> prototypes normalised -> colour ops on the
+device -> one backbone call per resolution under autocast -> queue scores -> losses ->
+(agreed across workers) finite? -> backward -> prototype gradients dropped while frozen ->
+LARC step -> queues pushed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gaelle_ray.data.augment import ColourAugment, ColourConfig
+from gaelle_ray.losses.gaelle import LossSettings, LossTerms, NonFiniteLossError, gaelle_losses
+from gaelle_ray.losses.queue import EmbeddingQueue, per_worker_length
+from gaelle_ray.train.optim import build_optimizer, drop_prototype_gradients, learning_rate, set_learning_rate
+
+
+class TooManyNonFiniteSteps(RuntimeError):
+    """Raised after train.max_nonfinite_steps non-finite losses in a row."""
+
+
+def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
+    """bf16 / fp16 on CUDA as configured (bf16 falls back to fp16 where unsupported); None on CPU."""
+    if device.type != "cuda" or config.train.precision == "fp32":
+        return None
+    if config.train.precision == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def code_statistics(codes: torch.Tensor) -> tuple[float, float]:
+    """codes: (A, B, K). Returns (mean per-sample code entropy / ln K, fraction of
+    prototypes that are the argmax of at least one sample)."""
+    k = codes.shape[-1]
+    q = codes.float().clamp_min(1e-12)
+    entropy = -(q * q.log()).sum(-1).mean() / math.log(k)
+    in_use = torch.zeros(k, device=codes.device).index_fill_(0, codes.argmax(-1).flatten(), 1.0).mean()
+    return float(entropy), float(in_use)
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    loss_global: float
+    loss_local: float
+    loss_l2g: float
+    lr: float
+    code_entropy: float
+    prototypes_in_use: float
+    nonfinite: bool
+    step_seconds: float
+
+
+class GaelleStepper:
+    """Holds one worker's training state and runs steps.
+
+    model: the GaelleModel, possibly wrapped in DistributedDataParallel (`forward_model`);
+    group: the process group for Sinkhorn and per-position BatchNorm (None: one worker).
+    """
+
+    def __init__(self, forward_model: nn.Module, config, device: torch.device, group=None,
+                 world_size: int = 1, rank: int = 0, iters_per_epoch: int = 1):
+        self.forward_model = forward_model
+        self.model = getattr(forward_model, "module", forward_model)
+        self.config = config
+        self.device = device
+        self.group = group
+        self.world_size = world_size
+        self.rank = rank
+        self.iters_per_epoch = iters_per_epoch
+        self.settings = LossSettings.from_config(config)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.amp_dtype = autocast_dtype(config, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.colour = (ColourAugment(ColourConfig.from_config(config), seed=config.train.seed * 1000 + rank, device=device)
+                       if config.augmentation.colour_on_device else None)
+        self.queue: EmbeddingQueue | None = None
+        self.local_queue: EmbeddingQueue | None = None
+        self.iteration = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.model.position_group = group
+
+    # -- queues ------------------------------------------------------------------------
+
+    def start_queues(self, epoch: int) -> None:
+        """Create the queues once `epoch` reaches queue.epoch_queue_starts (if configured)."""
+        qc, b = self.config.queue, self.settings.batch_size
+        if epoch < qc.epoch_queue_starts:
+            return
+        a, d = len(self.settings.crops_for_assign), self.model.feat_dim
+        if self.queue is None and qc.queue_length > 0:
+            self.queue = EmbeddingQueue(a, per_worker_length(qc.queue_length, b, self.world_size), d, self.device)
+        if self.local_queue is None and qc.local_queue_length > 0:
+            rows = b * self.settings.n_slots
+            length = per_worker_length(qc.local_queue_length, rows, self.world_size)
+            self.local_queue = EmbeddingQueue(a, length, d, self.device)
+
+    # -- the step ----------------------------------------------------------------------
+
+    def _prepare(self, crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 crops (n_r*B, 3, S, S) -> normalised float crops on the device."""
+        out = []
+        for c in crops:
+            c = c.to(self.device, non_blocking=True)
+            if self.colour is not None:
+                c = self.colour(c)
+            c = c.float()
+            if self.device.type == "cuda" and self.config.train.channels_last:
+                c = c.contiguous(memory_format=torch.channels_last)
+            out.append(c)
+        return out
+
+    def _slot_perm(self) -> torch.Tensor | None:
+        """One permutation of the S slots per iteration, the same on every worker."""
+        if not self.config.loss.local_shuffle:
+            return None
+        g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.iteration)
+        return torch.randperm(self.settings.n_slots, generator=g).to(self.device)
+
+    def _all_finite(self, finite: bool) -> bool:
+        """Every worker must agree to skip, or DDP's gradient all-reduce would hang."""
+        if self.group is None:
+            return finite
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item() > 0)
+
+    def step(self, crops: Sequence[torch.Tensor], epoch: int, total_epochs: int) -> StepMetrics:
+        """crops: one tensor per resolution, crop-major (n_r*B, 3, S_r, S_r)."""
+        t0 = time.perf_counter()
+        lr = learning_rate(self.iteration, self.iters_per_epoch, total_epochs, self.config.optim)
+        set_learning_rate(self.optimizer, lr)
+        self.model.normalize_prototypes()
+        self.start_queues(epoch)
+        inputs = self._prepare(crops)
+
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.forward_model(inputs)
+        queue_scores = self.queue.scores(self.model.prototypes.weight) if self.queue else None
+        local_queue_scores = self.local_queue.scores(self.model.local_prototypes.weight) if self.local_queue else None
+        terms: LossTerms | None = None
+        error: NonFiniteLossError | None = None
+        try:
+            terms = gaelle_losses(out, self.settings, slot_perm=self._slot_perm(), queue_scores=queue_scores,
+                                  local_queue_scores=local_queue_scores, group=self.group)
+        except NonFiniteLossError as exc:
+            error = exc
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self._all_finite(error is None):
+            return self._skip(error, lr, t0)
+        self.nonfinite_in_a_row = 0
+        self.scaler.scale(terms.total).backward()
+        drop_prototype_gradients(self.model, self.iteration, self.config.optim.freeze_prototypes_niters)
+        self.scaler.unscale_(self.optimizer.optim)
+        self.optimizer.adapt_gradients()
+        self.scaler.step(self.optimizer.optim)
+        self.scaler.update()
+        self._push_queues(out)
+        self.iteration += 1
+        entropy, in_use = code_statistics(terms.codes)
+        return StepMetrics(float(terms.total), float(terms.global_), float(terms.local), float(terms.l2g), lr,
+                           entropy, in_use, False, time.perf_counter() - t0)
+
+    def _skip(self, error, lr: float, t0: float) -> StepMetrics:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.iteration += 1
+        limit = self.config.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise TooManyNonFiniteSteps(
+                f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps = {limit}) at "
+                f"iteration {self.iteration}: {error or 'another worker saw a non-finite loss'}")
+        nan = float("nan")
+        return StepMetrics(nan, nan, nan, nan, lr, nan, nan, True, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _push_queues(self, out) -> None:
+        st = self.settings
+        assign = list(st.crops_for_assign)
+        if self.queue is not None:
+            emb = out.embeddings.detach().reshape(st.n_crops, st.batch_size, -1)[assign]  # (A, B, d)
+            self.queue.push(emb.float())
+        if self.local_queue is not None:
+            loc = out.local_embeddings.detach().reshape(st.n_global, st.batch_size * st.n_slots, -1)[assign]  # (A, B*S, d)
+            self.local_queue.push(loc.float())
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume this worker: model, optimiser, scaler, queues, counters, RNG."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "queue": self.queue.state_dict() if self.queue else None,
+            "local_queue": self.local_queue.state_dict() if self.local_queue else None,
+            "iteration": self.iteration,
+            "nonfinite_total": self.nonfinite_total,
+            "colour": self.colour.state_dict() if self.colour else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict, queues: dict | None = None) -> None:
+        """Restore a state_dict; `queues` ({"queue": state or None, "local_queue": ...}) replaces
+        the saved queues (used after a world-size change)."""
+        from gaelle_ray.model.weights import load_state_strict
+        load_state_strict(self.model, state["model"], "checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if self.colour is not None and state.get("colour") is not None:
+            self.colour.load_state_dict(state["colour"])
+        torch.set_rng_state(state["torch_rng"])
+        queues = queues if queues is not None else {"queue": state.get("queue"), "local_queue": state.get("local_queue")}
+        for name in ("queue", "local_queue"):
+            saved = queues.get(name)
+            if saved is None:
+                continue
+            buf = saved["buffer"]
+            q = EmbeddingQueue(buf.shape[0], buf.shape[1], buf.shape[2], self.device)
+            q.load_state_dict(saved)
+            setattr(self, name, q)
