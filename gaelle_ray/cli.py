@@ -27,6 +27,62 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_toy(args: argparse.Namespace) -> int:
+    from gaelle_ray.data.toy import make_toy
+
+    summary = make_toy(args.out, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size,
+                       seed=args.seed, workers=args.workers)
+    counts = ", ".join(f"{split}: {info['images']} images" for split, info in summary["splits"].items())
+    print(f"toy set in {summary['out_dir']} ({counts}; {len(summary['class_names'])} classes)")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from gaelle_ray.data.shards import prepare_from_source
+
+    if args.kind != "toy" and not args.root:
+        raise ValueError(f"gaelle prepare {args.kind} needs --root (the downloaded data set)")
+    manifest = prepare_from_source(
+        args.kind, args.out, root=args.root, year=args.year, splits=args.splits, dataset_name=args.name,
+        shard_size=args.shard_size, min_size=args.min_size, strict=args.strict, workers=args.workers,
+        n_train=args.n_train, n_val=args.n_val, image_size=args.image_size, seed=args.seed)
+    for split, counts in manifest["counts"].items():
+        print(f"{split}: {counts}")
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        print(f"{len(skipped)} records skipped (listed with reasons in the manifest), e.g.:")
+        for item in skipped[:5]:
+            print(f"  {item['file']}: {item['reason']}")
+    print(f"shards and manifest.json written to {args.out}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        overrides.append(f"train.num_workers={args.num_workers}")
+    if args.gpu:
+        overrides.append("train.use_gpu=true")
+    if args.cpu:
+        overrides += ["train.use_gpu=false", "train.precision=fp32"]
+    if args.address is not None:
+        overrides.append(f"ray.address={args.address}")
+    config = load_config(args.config, overrides)
+
+    from gaelle_ray.train.trainer import PretrainStopped, pretrain
+
+    try:
+        result = pretrain(config, resume=args.resume, address=config.ray.address)
+    except PretrainStopped as exc:
+        print(f"gaelle pretrain: {exc}", file=sys.stderr)
+        return 3
+    print(f"pretraining finished: newest checkpoint {result.checkpoint}")
+    print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
+    if result.tracking_uri.startswith("sqlite:///"):
+        print(f"open the MLflow UI with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaelle",
@@ -39,7 +95,47 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the resolved, validated config as YAML")
     _add_config_args(show)
     show.set_defaults(handler=_config_show)
+
+    pre = sub.add_parser("pretrain", help="GAELLE pretraining on Ray Train (also the ray job submit entrypoint)")
+    _add_config_args(pre)
+    pre.add_argument("--address", help="Ray address: 'auto' for a running cluster, ray://host:port, "
+                                       "or omit to start a local instance")
+    pre.add_argument("--num-workers", type=int, help="training workers (overrides train.num_workers)")
+    device = pre.add_mutually_exclusive_group()
+    device.add_argument("--gpu", action="store_true", help="one GPU per worker (train.use_gpu=true)")
+    device.add_argument("--cpu", action="store_true", help="CPU workers, float32 (train.use_gpu=false)")
+    pre.add_argument("--resume", action="store_true",
+                     help="continue the run in train.run_dir from its newest checkpoint")
+    pre.set_defaults(handler=_pretrain)
+
+    toy = sub.add_parser("make-toy", help="write the demo multi-object image set in COCO format")
+    toy.add_argument("--out", required=True, help="output folder")
+    _add_toy_args(toy)
+    toy.set_defaults(handler=_make_toy)
+
+    prep = sub.add_parser("prepare", help="turn a data set into Parquet shards + manifest.json")
+    prep.add_argument("kind", choices=["coco", "voc", "folder", "toy"])
+    prep.add_argument("--root", help="data set root (coco: folder with annotations/ and train2017/...; "
+                                     "voc: VOC2007 or VOCdevkit; folder: any image folder)")
+    prep.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, file://)")
+    prep.add_argument("--year", type=int, default=2017, choices=[2014, 2017], help="COCO year")
+    prep.add_argument("--splits", nargs="+", help="splits to read (default: coco train val, voc trainval test)")
+    prep.add_argument("--name", help="data set name recorded in the manifest")
+    prep.add_argument("--shard-size", type=int, default=1000, help="images per Parquet shard")
+    prep.add_argument("--min-size", type=int, default=0,
+                      help="skip images whose short side is smaller (e.g. the largest crop)")
+    prep.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    _add_toy_args(prep)
+    prep.set_defaults(handler=_prepare)
     return parser
+
+
+def _add_toy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-train", type=int, default=2000, help="toy: training images")
+    p.add_argument("--n-val", type=int, default=500, help="toy: validation images")
+    p.add_argument("--image-size", type=int, default=128, help="toy: image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="toy: seed")
+    p.add_argument("--workers", type=int, default=1, help="processes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return handler(args)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"gaelle {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

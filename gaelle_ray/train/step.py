@@ -65,14 +65,16 @@ class StepMetrics:
 class GaelleStepper:
     """Holds one worker's training state and runs steps.
 
-    model: the GaelleModel, possibly wrapped in DistributedDataParallel (`forward_model`);
+    model: the GaelleModel; forward_model: what the step calls (the model itself, or it
+    wrapped in DistributedDataParallel and/or torch.compile; None = the model);
     group: the process group for Sinkhorn and per-position BatchNorm (None: one worker).
     """
 
-    def __init__(self, forward_model: nn.Module, config, device: torch.device, group=None,
-                 world_size: int = 1, rank: int = 0, iters_per_epoch: int = 1):
-        self.forward_model = forward_model
-        self.model = getattr(forward_model, "module", forward_model)
+    def __init__(self, model: nn.Module, config, device: torch.device, group=None,
+                 world_size: int = 1, rank: int = 0, iters_per_epoch: int = 1,
+                 forward_model: nn.Module | None = None):
+        self.model = model
+        self.forward_model = forward_model if forward_model is not None else model
         self.config = config
         self.device = device
         self.group = group
@@ -172,7 +174,8 @@ class GaelleStepper:
         self._push_queues(out)
         self.iteration += 1
         entropy, in_use = code_statistics(terms.codes)
-        return StepMetrics(float(terms.total), float(terms.global_), float(terms.local), float(terms.l2g), lr,
+        return StepMetrics(float(terms.total.detach()), float(terms.global_.detach()), float(terms.local.detach()),
+                           float(terms.l2g.detach()), lr,
                            entropy, in_use, False, time.perf_counter() - t0)
 
     def _skip(self, error, lr: float, t0: float) -> StepMetrics:

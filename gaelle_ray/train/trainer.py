@@ -1,0 +1,195 @@
+"""The driver side of `gaelle pretrain`: Ray, MLflow and the TorchTrainer put together.
+
+Layout of a run directory (`train.run_dir`, local path or URI):
+
+    <run_dir>/mlflow.db          default MLflow store (sqlite), artifacts in mlartifacts/
+    <run_dir>/mlflow_run.json    the MLflow run id, so --resume continues the same run
+    <run_dir>/train/epoch_NNNNN/ checkpoints (Ray Train storage, newest K kept)
+
+A new run refuses a run directory that already holds checkpoints (use --resume, or another
+`train.run_dir`); `--resume` continues from the newest checkpoint with the same learning
+rate schedule and queues, with any number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from gaelle_ray import tracking
+from gaelle_ray.config import Config
+from gaelle_ray.data.pipeline import build_pretrain_stream, check_cpu_budget
+from gaelle_ray.train.checkpoint import latest_epoch
+from gaelle_ray.train.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "train"
+RUN_ID_FILE = "mlflow_run.json"
+
+
+class PretrainStopped(RuntimeError):
+    """The run stopped itself (non-finite losses or collapse); the newest good checkpoint is kept."""
+
+
+@dataclass
+class PretrainResult:
+    run_dir: str
+    checkpoint: str | None  # path/URI of the newest checkpoint folder
+    metrics: dict
+    tracking_uri: str
+    mlflow_run_id: str
+
+
+def init_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Connect to Ray: a running cluster ("auto" or ray://...), or a new local instance bound
+    to loopback. A local instance started here has token authentication off unless
+    RAY_AUTH_MODE says otherwise (it only listens on 127.0.0.1); clusters keep their own
+    setting (see README: clusters and tokens)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
+             dashboard_host="127.0.0.1")
+
+
+def _storage(run_dir: str) -> str:
+    return run_dir if "://" in run_dir and not run_dir.startswith("file://") else str(
+        Path(run_dir.removeprefix("file://")).resolve())
+
+
+def _run_uri(run_dir: str) -> str:
+    return f"{_storage(run_dir).rstrip('/')}/{RUN_NAME}"
+
+
+def _read_run_id(run_dir: str) -> str | None:
+    path = Path(_storage(run_dir)) / RUN_ID_FILE
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def _write_run_id(run_dir: str, run_id: str) -> None:
+    path = Path(_storage(run_dir))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_ID_FILE).write_text(json.dumps({"run_id": run_id}))
+
+
+def make_stream_factory(config: Config):
+    """A callable for TorchTrainer(datasets=...): Ray calls it at every (re)start of the worker
+    group, and the stream then begins at the epoch after the newest complete checkpoint."""
+    run_uri = _run_uri(config.train.run_dir)
+
+    def factory():
+        done = latest_epoch(run_uri)
+        start = 0 if done is None else done + 1
+        return build_pretrain_stream(config, start_epoch=min(start, config.train.epochs - 1))
+
+    return factory
+
+
+def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "") -> TorchTrainer:
+    tc = config.train
+    use_gpu = tc.use_gpu
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": config.ray.num_cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=_storage(config.ray.storage_path or tc.run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+        datasets={"train": make_stream_factory(config)},
+    )
+
+
+def pretrain(config: Config, *, resume: bool = False, address: str = "", track: bool = True) -> PretrainResult:
+    """Run GAELLE pretraining on Ray Train; returns where the newest checkpoint is and the
+    final metrics. Raises ValueError before anything starts on a bad setup, PretrainStopped
+    when the run stopped itself."""
+    tc = config.train
+    run_uri = _run_uri(tc.run_dir)
+    done = latest_epoch(run_uri)
+    if done is not None and not resume:
+        raise ValueError(f"train.run_dir = {tc.run_dir!r} already holds a run (checkpoint of epoch {done}); "
+                         "pass --resume to continue it, or choose another train.run_dir")
+    if resume and done is None:
+        log.warning("--resume: no checkpoint in %s, starting from epoch 0", run_uri)
+
+    # Ray and the CPU budget first: nothing is written before the setup is known to run.
+    # A local instance gets at least enough logical CPUs for the workers and two crop tasks.
+    needed = tc.num_workers * config.ray.num_cpus_per_worker + 2 * config.data.crop_cpus
+    init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, int(needed + 0.999)))
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    check_cpu_budget(total_cpus, tc.num_workers, config.ray.num_cpus_per_worker, config.data.crop_cpus)
+
+    tracking_uri, run_id = "", ""
+    if track:
+        tracking_uri = tracking.resolve_tracking_uri(config)
+        tracking.check_reachable(tracking_uri)
+        run_id = (_read_run_id(tc.run_dir) if resume else None) or ""
+        if not run_id:
+            run_id = tracking.start_run(tracking_uri, config.tracking.experiment,
+                                        config.tracking.run_name or Path(tc.run_dir).name,
+                                        config.flat(), {**tracking.version_tags(), "job": "pretrain"})
+            _write_run_id(tc.run_dir, run_id)
+        _log_config_artifact(config, tracking_uri, run_id)
+
+    result = build_trainer(config, tracking_uri, run_id).fit()
+    metrics = dict(result.metrics or {})
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if track and checkpoint:
+        _log_backbone_artifact(config, checkpoint, tracking_uri, run_id)
+    if metrics.get("stopped"):
+        if track:
+            tracking.set_tags(tracking_uri, run_id, {"stopped": metrics["stopped"]})
+            tracking.end_run(tracking_uri, run_id, "FAILED")
+        raise PretrainStopped(f"pretraining stopped: {metrics['stopped']}; newest good checkpoint: {checkpoint}")
+    if track:
+        tracking.end_run(tracking_uri, run_id)
+    return PretrainResult(tc.run_dir, checkpoint, metrics, tracking_uri, run_id)
+
+
+def _log_config_artifact(config: Config, uri: str, run_id: str) -> None:
+    import tempfile
+
+    from gaelle_ray.config import dump_yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(dump_yaml(config))
+        tracking.log_artifact(uri, run_id, path)
+
+
+def _log_backbone_artifact(config: Config, checkpoint: str, uri: str, run_id: str) -> None:
+    """Export the final checkpoint's backbone as a torchvision state dict artifact."""
+    import tempfile
+
+    import torch
+
+    from gaelle_ray.model import build_model
+    from gaelle_ray.model.weights import export_backbone, load_state_strict
+    from gaelle_ray.train.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = checkpoint
+        if "://" in checkpoint:
+            ray.train.Checkpoint(checkpoint).to_directory(tmp + "/ckpt")
+            local = tmp + "/ckpt"
+        state, _ = load_checkpoint(local)
+        model = build_model(config)
+        load_state_strict(model, state["worker"]["model"], checkpoint)
+        path = Path(tmp) / f"backbone_{config.model.arch}.pth"
+        torch.save(export_backbone(model), path)
+        tracking.log_artifact(uri, run_id, path)
