@@ -84,7 +84,9 @@ def test_bad_configs_name_file_and_key(tmp_path, data, fragments):
 
 def test_overrides_apply_and_are_validated(tmp_path):
     path = _write(tmp_path, {"optim": {"base_lr": 0.6}})
-    c = load_config(path, ["optim.base_lr=0.3", "augmentation.size_crops=[64, 32]", "loss.l2g_detach=false"])
+    c = load_config(path, ["optim.base_lr=0.3", "augmentation.size_crops=[64, 32]", "loss.l2g_detach=false",
+                           "loss.epsilon=3e-2"])
+    assert c.loss.epsilon == 0.03  # YAML reads 3e-2 as a string; a float field accepts it
     assert c.optim.base_lr == 0.3 and c.augmentation.size_crops == (64, 32) and c.loss.l2g_detach is False
     with pytest.raises(ConfigError, match="optim.base_lrr"):
         load_config(path, ["optim.base_lrr=0.3"])

@@ -57,7 +57,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
 def latest_epoch(run_uri: str) -> int | None:
     """Epoch of the newest complete checkpoint under a run's storage folder (local or URI)."""
     try:
-        fs, path = pafs.FileSystem.from_uri(run_uri) if "://" in run_uri else (pafs.LocalFileSystem(), os.path.abspath(run_uri))
+        fs, path = _fs(run_uri)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
         return None
@@ -68,6 +68,38 @@ def latest_epoch(run_uri: str) -> int | None:
             if fs.get_file_info(f"{info.path}/{META_FILE}").type == pafs.FileType.File:
                 epochs.append(int(name[len(PREFIX):]))
     return max(epochs) if epochs else None
+
+
+STOP_FILE = "STOPPED.json"
+
+
+def _fs(uri: str):
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def write_stop_reason(run_uri: str, reason: str, epoch: int, iteration: int) -> None:
+    """Record why a run stopped itself (Ray's result carries only checkpointed metrics)."""
+    fs, path = _fs(run_uri)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{STOP_FILE}") as out:
+        out.write(json.dumps({"reason": reason, "epoch": epoch, "iteration": iteration}).encode())
+
+
+def read_stop_reason(run_uri: str) -> dict | None:
+    fs, path = _fs(run_uri)
+    try:
+        with fs.open_input_stream(f"{path}/{STOP_FILE}") as src:
+            return json.loads(src.read().decode())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def clear_stop_reason(run_uri: str) -> None:
+    fs, path = _fs(run_uri)
+    if fs.get_file_info(f"{path}/{STOP_FILE}").type == pafs.FileType.File:
+        fs.delete_file(f"{path}/{STOP_FILE}")
 
 
 def queues_for_rank(saved: list[dict | None] | None, rank: int, world_size: int, lengths: dict[str, int],

@@ -34,7 +34,9 @@ from gaelle_ray.data.pipeline import count_rows, epoch_batches, steps_per_epoch
 from gaelle_ray.model import build_model
 from gaelle_ray.model.norm import convert_group_batchnorm
 from gaelle_ray.losses.queue import per_worker_length
-from gaelle_ray.train.checkpoint import checkpoint_name, load_checkpoint, queues_for_rank, save_checkpoint
+from gaelle_ray.train.checkpoint import (
+    checkpoint_name, load_checkpoint, queues_for_rank, save_checkpoint, write_stop_reason,
+)
 from gaelle_ray.train.step import GaelleStepper, TooManyNonFiniteSteps
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,8 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point. loop_config: {"config": Config.to_dict(), "tracking_uri", "run_id"}."""
+    """Ray Train entry point. loop_config: {"config": Config.to_dict(), "tracking_uri", "run_id",
+    "run_uri" (the run's storage folder, for the stop record)}."""
     config = Config.from_dict(loop_config["config"], source="train_loop_config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -242,9 +245,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
 
     if stop_reason and not stop_reported:
-        # stopped mid-epoch: tell the driver without a new checkpoint (the newest good one stays)
+        # stopped mid-epoch: no new checkpoint (the newest good one stays)
         ray.train.report({"epoch": epoch, "iteration": stepper.iteration, "collapsed": False,
                           "stopped": stop_reason})
+    if stop_reason and rank == 0:
+        write_stop_reason(loop_config["run_uri"], stop_reason, epoch, stepper.iteration)
     if rank == 0:
         print(f"[gaelle] training loop finished in {_format_eta(time.perf_counter() - run_t0)}"
               + (f"; stopped: {stop_reason}" if stop_reason else ""), flush=True)

@@ -26,7 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from gaelle_ray import tracking
 from gaelle_ray.config import Config
 from gaelle_ray.data.pipeline import build_pretrain_stream, check_cpu_budget
-from gaelle_ray.train.checkpoint import latest_epoch
+from gaelle_ray.train.checkpoint import clear_stop_reason, latest_epoch, read_stop_reason
 from gaelle_ray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "") -> T
     use_gpu = tc.use_gpu
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "run_uri": _run_uri(tc.run_dir)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.ray.num_cpus_per_worker}),
@@ -146,16 +147,19 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
             _write_run_id(tc.run_dir, run_id)
         _log_config_artifact(config, tracking_uri, run_id)
 
+    clear_stop_reason(run_uri)
     result = build_trainer(config, tracking_uri, run_id).fit()
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if track and checkpoint:
         _log_backbone_artifact(config, checkpoint, tracking_uri, run_id)
-    if metrics.get("stopped"):
+    stopped = read_stop_reason(run_uri)
+    if stopped:
         if track:
-            tracking.set_tags(tracking_uri, run_id, {"stopped": metrics["stopped"]})
+            tracking.set_tags(tracking_uri, run_id, {"stopped": stopped["reason"]})
             tracking.end_run(tracking_uri, run_id, "FAILED")
-        raise PretrainStopped(f"pretraining stopped: {metrics['stopped']}; newest good checkpoint: {checkpoint}")
+        raise PretrainStopped(f"pretraining stopped at epoch {stopped['epoch']}, iteration {stopped['iteration']}: "
+                              f"{stopped['reason']}; newest good checkpoint: {checkpoint or 'none'}")
     if track:
         tracking.end_run(tracking_uri, run_id)
     return PretrainResult(tc.run_dir, checkpoint, metrics, tracking_uri, run_id)

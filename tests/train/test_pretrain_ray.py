@@ -1,0 +1,134 @@
+"""GAELLE pretraining on a real local Ray instance with toy data: two workers end to end,
+MLflow contents, resume with fewer workers, a worker killed mid-epoch, non-finite stop."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from gaelle_ray import tracking
+from gaelle_ray.config import load_config
+from gaelle_ray.data.shards import prepare_toy
+from gaelle_ray.train.checkpoint import load_checkpoint
+from gaelle_ray.train.trainer import PretrainStopped, pretrain
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "shards"
+    prepare_toy(str(out), n_train=128, n_val=16, image_size=64, seed=0)
+    return str(out)
+
+
+def _config(shards, run_dir, **extra):
+    base = {"data.shards": shards, "train.run_dir": str(run_dir), "augmentation.size_crops": "[48, 24]",
+            "model.hidden_mlp": 64, "model.feat_dim": 32, "model.nmb_prototypes": 20,
+            "model.nmb_local_prototypes": 20, "train.batch_size_per_worker": 8, "train.num_workers": 2,
+            "train.epochs": 2, "train.log_every_steps": 4, "queue.queue_length": 32,
+            "queue.epoch_queue_starts": 1, "optim.freeze_prototypes_niters": 4, "optim.warmup_epochs": 0,
+            "tracking.experiment": "test"}
+    base.update(extra)
+    return load_config(ROOT / "experiments" / "cpu_demo.yaml", [f"{k}={v}" for k, v in base.items()])
+
+
+def _epoch_history(result, key="epoch_loss"):
+    return [step for step, _ in tracking.metric_history(result.tracking_uri, result.mlflow_run_id, key)]
+
+
+def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path):
+    config = _config(shards, tmp_path / "run")
+    result = pretrain(config)
+    ckpt = Path(result.checkpoint)
+    assert ckpt.name == "epoch_00001" and (ckpt.parent / "epoch_00000").is_dir()
+    state, meta = load_checkpoint(ckpt)
+    assert meta["world_size"] == 2 and meta["epoch"] == 1 and state["worker"]["iteration"] == 16
+    assert len(state["queues"]["queue"]) == 2  # both ranks' queues are in the checkpoint
+    assert state["queues"]["queue"][0]["buffer"].shape == (2, 16, 32)
+
+    # MLflow: params are the whole config, tags, epoch history, step metrics, artifacts
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert result.tracking_uri == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
+    assert set(config.flat()) <= set(run.data.params)
+    assert run.data.params["queue.queue_length"] == "32"
+    for tag in ("git_commit", "torch_version", "ray_version", "world_size", "device_name"):
+        assert tag in run.data.tags, tag
+    assert run.data.tags["world_size"] == "2" and run.data.tags["device_name"] == "cpu"
+    assert _epoch_history(result) == [0, 1]
+    for key in ("loss", "loss_global", "loss_local", "loss_l2g", "lr", "images_per_s", "data_wait_share",
+                "code_entropy", "prototypes_in_use", "skipped_records"):
+        assert client.get_metric_history(result.mlflow_run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"config.yaml", "backbone_resnet18.pth"} <= artifacts
+    local = client.download_artifacts(result.mlflow_run_id, "backbone_resnet18.pth", str(tmp_path))
+    torchvision.models.resnet18().load_state_dict(torch.load(local), strict=True)
+
+    # a new run in the same directory is refused; --resume continues it with one worker
+    with pytest.raises(ValueError, match="already holds a run"):
+        pretrain(config)
+    more = _config(shards, tmp_path / "run", **{"train.epochs": 3, "train.num_workers": 1})
+    resumed = pretrain(more, resume=True)
+    assert resumed.mlflow_run_id == result.mlflow_run_id
+    assert _epoch_history(resumed) == [0, 1, 2]  # no gap, no duplicate
+    state, meta = load_checkpoint(resumed.checkpoint)
+    assert meta["world_size"] == 1 and state["worker"]["iteration"] == 16 + 16
+    assert state["queues"]["queue"][0]["buffer"].shape == (2, 32, 32)  # re-split: 2 x 16 rows -> 1 x 32
+
+
+def _train_worker_pids():
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(int(pid))
+    return sorted(pids)
+
+
+def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shards, tmp_path):
+    config = _config(shards, tmp_path / "run", **{"train.epochs": 3, "train.max_failures": 2})
+    marker = tmp_path / "run" / "train" / "epoch_00000" / "meta.json"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not marker.exists():
+            time.sleep(0.2)
+        time.sleep(1.5)  # into epoch 1
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = pretrain(config)
+    thread.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert Path(result.checkpoint).name == "epoch_00002"
+    state, meta = load_checkpoint(result.checkpoint)
+    assert state["worker"]["iteration"] == 3 * 8  # no step lost or repeated in the final state
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert _epoch_history(result) == [0, 1, 2]
+    steps = [s for s, _ in tracking.metric_history(result.tracking_uri, result.mlflow_run_id, "loss")]
+    assert steps == sorted(set(steps))  # step metrics: no duplicates either
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_error(ray_local, shards, tmp_path):
+    config = _config(shards, tmp_path / "run", **{"loss.temperature": 1e-40, "train.max_nonfinite_steps": 2,
+                                                  "train.num_workers": 1})
+    with pytest.raises(PretrainStopped, match="non-finite loss.*2 non-finite steps in a row"):
+        pretrain(config)
