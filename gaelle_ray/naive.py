@@ -115,16 +115,23 @@ def naive_l2g_loss(l2g_scores: torch.Tensor, codes: dict[int, torch.Tensor], bat
     return loss / n_global
 
 
-def naive_forward(model, crops: Sequence[torch.Tensor]):
+def naive_forward(model, crops: Sequence[torch.Tensor], batch_size: int | None = None):
     """The released script's forward: backbone per resolution, the head once per position,
     local pooling per head group, the mean-local embedding per crop.
 
+    batch_size: when given, every crop (B rows) goes through the backbone on its own, the
+    slowest reading of the method (its BatchNorm statistics are then per crop).
     Returns the same fields as GaelleModel.forward, as a dict.
     """
-    fmap = feature_map(model.backbone, crops[0])  # (Vg*B, C, h, w)
+    def backbone_maps(x: torch.Tensor) -> torch.Tensor:
+        if batch_size is None:
+            return feature_map(model.backbone, x)
+        return torch.cat([feature_map(model.backbone, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    fmap = backbone_maps(crops[0])  # (Vg*B, C, h, w)
     pooled = [torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)]
     for batch in crops[1:]:
-        pooled.append(torch.flatten(F.adaptive_avg_pool2d(feature_map(model.backbone, batch), 1), 1))
+        pooled.append(torch.flatten(F.adaptive_avg_pool2d(backbone_maps(batch), 1), 1))
     e = F.normalize(model.projection_head(torch.cat(pooled)), dim=1)
     local = naive_semantic_attention(fmap, model.projection_head, model.n_groups, model.attention_temperature)
     l = F.normalize(model.local_projection_head(local), dim=1)

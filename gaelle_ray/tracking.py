@@ -107,13 +107,14 @@ def start_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any
     return run.info.run_id
 
 
-def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+def log_params(uri: str, run_id: str, params: Mapping[str, Any], batch: int = MAX_PARAMS_PER_BATCH) -> None:
+    """All params, in batches of at most `batch` (MLflow's limit per call)."""
     from mlflow.entities import Param
 
     items = [Param(k, str(v)) for k, v in params.items()]
     client = _client(uri)
-    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    for i in range(0, len(items), batch):
+        client.log_batch(run_id, params=items[i:i + batch])
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:

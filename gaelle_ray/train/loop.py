@@ -37,34 +37,12 @@ from gaelle_ray.losses.queue import per_worker_length
 from gaelle_ray.train.checkpoint import (
     checkpoint_name, load_checkpoint, queues_for_rank, save_checkpoint, write_stop_reason,
 )
+from gaelle_ray.train.collapse import collapse_check
 from gaelle_ray.train.step import GaelleStepper, TooManyNonFiniteSteps
 
 log = logging.getLogger(__name__)
 
 EPOCH_KEYS = ("loss", "loss_global", "loss_local", "loss_l2g", "code_entropy", "prototypes_in_use")
-
-
-class CollapseDetected(RuntimeError):
-    """Loss stuck near ln(K) with near-uniform codes after the warm window."""
-
-
-def collapse_check(epoch_metrics: dict, epoch: int, config) -> str | None:
-    """A message when the epoch looks collapsed (method.md section 8), else None.
-
-    Collapsed: past `train.collapse_window_epochs`, the global loss within 2% of ln(K) and the
-    mean code entropy above 0.98 of its maximum (every image gets the same, uniform code).
-    """
-    if epoch + 1 < config.train.collapse_window_epochs:
-        return None
-    ln_k = math.log(config.model.nmb_prototypes)
-    loss, entropy = epoch_metrics.get("loss_global"), epoch_metrics.get("code_entropy")
-    if loss is None or entropy is None or not math.isfinite(loss):
-        return None
-    if abs(loss - ln_k) < 0.02 * ln_k and entropy > 0.98:
-        return (f"collapse: epoch {epoch} global loss {loss:.4f} is at ln(K) = {ln_k:.4f} with near-uniform codes "
-                f"(normalised entropy {entropy:.3f}); try a smaller loss.epsilon, a longer "
-                "optim.freeze_prototypes_niters, softer augmentation, or a later/shorter queue")
-    return None
 
 
 def _seed_everything(seed: int) -> None:

@@ -121,3 +121,15 @@ def test_state_dict_roundtrip_continues_identically():
     mb = b.step(_crops(config, 9), epoch=1, total_epochs=3)
     assert ma.lr == mb.lr
     assert ma.loss == pytest.approx(mb.loss, rel=1e-5)
+
+
+def test_collapse_check():
+    from gaelle_ray.train.collapse import collapse_check
+    config = _config(**{"train.collapse_window_epochs": 2, "model.nmb_prototypes": 100})
+    ln_k = math.log(100)
+    collapsed = {"loss_global": ln_k * 0.995, "code_entropy": 0.995}
+    assert collapse_check(collapsed, epoch=0, config=config) is None  # inside the warm window
+    message = collapse_check(collapsed, epoch=1, config=config)
+    assert message and "ln(K) = 4.6052" in message and "epsilon" in message
+    assert collapse_check({"loss_global": ln_k * 0.8, "code_entropy": 0.995}, epoch=3, config=config) is None
+    assert collapse_check({"loss_global": ln_k, "code_entropy": 0.6}, epoch=3, config=config) is None
