@@ -83,6 +83,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from gaelle_ray.tune import load_sweep, run_sweep
+
+    spec = load_sweep(args.config)
+    result = run_sweep(spec, resume=args.resume, address=args.address or "")
+    print(f"{len(result.trials)} trials:")
+    for t in result.trials:
+        state = "collapsed" if t["collapsed"] else ("error: " + t["error"] if t["error"] else f"mAP {t['map']:.4f}"
+                                                    if t["map"] is not None else "stopped early")
+        print(f"  {t['params']}: {state}")
+    print(f"best fast linear-probe mAP {result.best_map:.4f}; its config: {result.best_config_path}")
+    print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaelle",
@@ -107,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true",
                      help="continue the run in train.run_dir from its newest checkpoint")
     pre.set_defaults(handler=_pretrain)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over config keys (see experiments/sweeps/)")
+    sweep.add_argument("--config", required=True, help="sweep YAML")
+    sweep.add_argument("--address", help="Ray address ('auto', ray://...), or omit for a local instance")
+    sweep.add_argument("--resume", action="store_true", help="continue a stopped sweep (finished trials are kept)")
+    sweep.set_defaults(handler=_sweep)
 
     toy = sub.add_parser("make-toy", help="write the demo multi-object image set in COCO format")
     toy.add_argument("--out", required=True, help="output folder")

@@ -97,7 +97,7 @@ def make_stream_factory(config: Config):
     return factory
 
 
-def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "") -> TorchTrainer:
+def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "", callbacks=()) -> TorchTrainer:
     tc = config.train
     use_gpu = tc.use_gpu
     return TorchTrainer(
@@ -110,15 +110,21 @@ def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "") -> T
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=_storage(config.ray.storage_path or tc.run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            callbacks=list(callbacks)),
         datasets={"train": make_stream_factory(config)},
     )
 
 
-def pretrain(config: Config, *, resume: bool = False, address: str = "", track: bool = True) -> PretrainResult:
+def pretrain(config: Config, *, resume: bool = False, address: str = "", track: bool = True,
+             parent_run_id: str | None = None, callbacks=(), check_budget: bool = True) -> PretrainResult:
     """Run GAELLE pretraining on Ray Train; returns where the newest checkpoint is and the
     final metrics. Raises ValueError before anything starts on a bad setup, PretrainStopped
-    when the run stopped itself."""
+    when the run stopped itself.
+
+    parent_run_id: MLflow parent (a sweep's run). callbacks: Ray Train callbacks (a Tune
+    trial passes TuneReportCallback). check_budget: False inside Tune trials, which share
+    the cluster with each other (the sweep checks the budget once for all)."""
     tc = config.train
     run_uri = _run_uri(tc.run_dir)
     done = latest_epoch(run_uri)
@@ -132,8 +138,9 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     # A local instance gets at least enough logical CPUs for the workers and two crop tasks.
     needed = tc.num_workers * config.ray.num_cpus_per_worker + 2 * config.data.crop_cpus
     init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, int(needed + 0.999)))
-    total_cpus = ray.cluster_resources().get("CPU", 0)
-    check_cpu_budget(total_cpus, tc.num_workers, config.ray.num_cpus_per_worker, config.data.crop_cpus)
+    if check_budget:
+        total_cpus = ray.cluster_resources().get("CPU", 0)
+        check_cpu_budget(total_cpus, tc.num_workers, config.ray.num_cpus_per_worker, config.data.crop_cpus)
 
     tracking_uri, run_id = "", ""
     if track:
@@ -143,12 +150,13 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
         if not run_id:
             run_id = tracking.start_run(tracking_uri, config.tracking.experiment,
                                         config.tracking.run_name or Path(tc.run_dir).name,
-                                        config.flat(), {**tracking.version_tags(), "job": "pretrain"})
+                                        config.flat(), {**tracking.version_tags(), "job": "pretrain"},
+                                        parent_run_id=parent_run_id)
             _write_run_id(tc.run_dir, run_id)
         _log_config_artifact(config, tracking_uri, run_id)
 
     clear_stop_reason(run_uri)
-    result = build_trainer(config, tracking_uri, run_id).fit()
+    result = build_trainer(config, tracking_uri, run_id, callbacks).fit()
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if track and checkpoint:
