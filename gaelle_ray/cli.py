@@ -7,6 +7,7 @@ Each subcommand parses its arguments here and calls one library function; heavy 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Callable, Sequence
 
@@ -100,13 +101,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gaelle",
+        prog="gaelle", allow_abbrev=False,
         description="GAELLE self-supervised multi-label pretraining on Ray: data preparation, "
                     "distributed pretraining, evaluation and sweeps.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False)  # --num-worker is not --num-workers
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=strict)
 
     config = sub.add_parser("config", help="inspect and validate experiment configs")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", parser_class=strict)
     show = config_sub.add_parser("show", help="print the resolved, validated config as YAML")
     _add_config_args(show)
     show.set_defaults(handler=_config_show)

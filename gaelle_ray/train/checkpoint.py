@@ -57,7 +57,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
 def latest_epoch(run_uri: str) -> int | None:
     """Epoch of the newest complete checkpoint under a run's storage folder (local or URI)."""
     try:
-        fs, path = _fs(run_uri)
+        fs, path = storage_fs(run_uri)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
         return None
@@ -73,31 +73,42 @@ def latest_epoch(run_uri: str) -> int | None:
 STOP_FILE = "STOPPED.json"
 
 
-def _fs(uri: str):
+def storage_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow understands (s3://, gs://, file://)."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def write_stop_reason(run_uri: str, reason: str, epoch: int, iteration: int) -> None:
-    """Record why a run stopped itself (Ray's result carries only checkpointed metrics)."""
-    fs, path = _fs(run_uri)
+def write_json(uri: str, name: str, payload: dict) -> None:
+    """Write `name` (JSON) into the folder `uri`, local or remote."""
+    fs, path = storage_fs(uri)
     fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{STOP_FILE}") as out:
-        out.write(json.dumps({"reason": reason, "epoch": epoch, "iteration": iteration}).encode())
+    with fs.open_output_stream(f"{path}/{name}") as out:
+        out.write(json.dumps(payload).encode())
 
 
-def read_stop_reason(run_uri: str) -> dict | None:
-    fs, path = _fs(run_uri)
+def read_json(uri: str, name: str) -> dict | None:
+    """The JSON file `name` in the folder `uri`, or None when it is not there."""
+    fs, path = storage_fs(uri)
     try:
-        with fs.open_input_stream(f"{path}/{STOP_FILE}") as src:
+        with fs.open_input_stream(f"{path}/{name}") as src:
             return json.loads(src.read().decode())
     except (FileNotFoundError, OSError):
         return None
 
 
+def write_stop_reason(run_uri: str, reason: str, epoch: int, iteration: int) -> None:
+    """Record why a run stopped itself (Ray's result carries only checkpointed metrics)."""
+    write_json(run_uri, STOP_FILE, {"reason": reason, "epoch": epoch, "iteration": iteration})
+
+
+def read_stop_reason(run_uri: str) -> dict | None:
+    return read_json(run_uri, STOP_FILE)
+
+
 def clear_stop_reason(run_uri: str) -> None:
-    fs, path = _fs(run_uri)
+    fs, path = storage_fs(run_uri)
     if fs.get_file_info(f"{path}/{STOP_FILE}").type == pafs.FileType.File:
         fs.delete_file(f"{path}/{STOP_FILE}")
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -91,6 +92,13 @@ def _mean_over_workers(values: dict[str, float], group, device) -> dict[str, flo
     return dict(zip(keys, t.tolist()))
 
 
+def say(message: str) -> None:
+    """One progress line on the worker's stdout (what `ray job logs` shows). Not the print
+    builtin: Ray Train patches it to also copy lines into its logger, so each showed twice."""
+    sys.stdout.write(f"[gaelle] {message}\n")
+    sys.stdout.flush()
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -127,9 +135,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stepper.load_state_dict(state["worker"], queues=queues)
         start_epoch, history = int(meta["epoch"]) + 1, list(state["history"])
         if rank == 0:
-            print(f"[gaelle] resumed from {checkpoint_name(int(meta['epoch']))}: epoch {start_epoch}, "
-                  f"iteration {stepper.iteration} (checkpoint written by {meta['world_size']} workers, now {world})",
-                  flush=True)
+            say(f"resumed from {checkpoint_name(int(meta['epoch']))}: epoch {start_epoch}, iteration "
+                f"{stepper.iteration} (checkpoint written by {meta['world_size']} workers, now {world})")
 
     logger = None
     if rank == 0 and loop_config.get("run_id"):
@@ -151,8 +158,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for item in epoch_batches(shard, batch, steps, tc.epochs - start_epoch, device,
                               start_epoch=start_epoch, prefetch_batches=config.data.prefetch_batches):
         epoch, step = item.epoch, item.step
-        if step == 0:
-            t_epoch, wait_epoch, sums, counted, skipped_records = time.perf_counter(), 0.0, defaultdict(float), 0, 0
+        if step == 0:  # the epoch's clock starts before the wait for its first batch
+            t_epoch, wait_epoch = time.perf_counter() - item.wait_s, 0.0
+            sums, counted, skipped_records = defaultdict(float), 0, 0
         try:
             m = stepper.step(item.crops, epoch, tc.epochs)
         except TooManyNonFiniteSteps as exc:
@@ -170,10 +178,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             imgs = done * batch * world / max(elapsed, 1e-9)
             if rank == 0:
                 remaining = (tc.epochs - epoch - 1) * steps + steps - done
-                print(f"[gaelle] epoch {epoch + 1}/{tc.epochs} step {done}/{steps} loss {m.loss:.4f} "
-                      f"(global {m.loss_global:.3f} local {m.loss_local:.3f} l2g {m.loss_l2g:.3f}) "
-                      f"lr {m.lr:.4g} {imgs:.1f} img/s data wait {100 * wait_epoch / max(elapsed, 1e-9):.0f}% "
-                      f"eta {_format_eta(remaining * elapsed / done)}", flush=True)
+                say(f"epoch {epoch + 1}/{tc.epochs} step {done}/{steps} loss {m.loss:.4f} "
+                    f"(global {m.loss_global:.3f} local {m.loss_local:.3f} l2g {m.loss_l2g:.3f}) "
+                    f"lr {m.lr:.4g} {imgs:.1f} img/s data wait {100 * wait_epoch / max(elapsed, 1e-9):.0f}% "
+                    f"eta {_format_eta(remaining * elapsed / done)}")
             if logger is not None:
                 logger.log_metrics({"loss": m.loss, "loss_global": m.loss_global, "loss_local": m.loss_local,
                                     "loss_l2g": m.loss_l2g, "lr": m.lr, "images_per_s": imgs,
@@ -196,7 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append(record)
         collapse = collapse_check(epoch_metrics, epoch, config)
         if collapse:
-            print(f"[gaelle] WARNING {collapse}", flush=True)
+            say(f"WARNING {collapse}")
             if tc.collapse_action == "stop":
                 stop_reason = collapse
         last = epoch + 1 == tc.epochs
@@ -229,5 +237,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if stop_reason and rank == 0:
         write_stop_reason(loop_config["run_uri"], stop_reason, epoch, stepper.iteration)
     if rank == 0:
-        print(f"[gaelle] training loop finished in {_format_eta(time.perf_counter() - run_t0)}"
-              + (f"; stopped: {stop_reason}" if stop_reason else ""), flush=True)
+        say(f"training loop finished in {_format_eta(time.perf_counter() - run_t0)}"
+            + (f"; stopped: {stop_reason}" if stop_reason else ""))

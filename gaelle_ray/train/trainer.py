@@ -13,9 +13,9 @@ rate schedule and queues, with any number of workers.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from gaelle_ray import tracking
 from gaelle_ray.config import Config
 from gaelle_ray.data.pipeline import build_pretrain_stream, check_cpu_budget
-from gaelle_ray.train.checkpoint import clear_stop_reason, latest_epoch, read_stop_reason
+from gaelle_ray.train.checkpoint import clear_stop_reason, latest_epoch, read_json, read_stop_reason, write_json
 from gaelle_ray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
              dashboard_host="127.0.0.1")
 
 
+def wait_for_cpus(wanted: float, timeout_s: float) -> float:
+    """The cluster's CPU count, waiting up to timeout_s for `wanted` (nodes of a fresh
+    cluster join over a minute or two)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total = ray.cluster_resources().get("CPU", 0)
+        if total >= wanted or time.monotonic() >= deadline:
+            return total
+        time.sleep(5)
+
+
 def _storage(run_dir: str) -> str:
     return run_dir if "://" in run_dir and not run_dir.startswith("file://") else str(
         Path(run_dir.removeprefix("file://")).resolve())
@@ -74,14 +85,12 @@ def _run_uri(run_dir: str) -> str:
 
 
 def _read_run_id(run_dir: str) -> str | None:
-    path = Path(_storage(run_dir)) / RUN_ID_FILE
-    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+    saved = read_json(_storage(run_dir), RUN_ID_FILE)
+    return saved["run_id"] if saved else None
 
 
 def _write_run_id(run_dir: str, run_id: str) -> None:
-    path = Path(_storage(run_dir))
-    path.mkdir(parents=True, exist_ok=True)
-    (path / RUN_ID_FILE).write_text(json.dumps({"run_id": run_id}))
+    write_json(_storage(run_dir), RUN_ID_FILE, {"run_id": run_id})
 
 
 def make_stream_factory(config: Config):
@@ -139,8 +148,8 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     needed = tc.num_workers * config.ray.num_cpus_per_worker + 2 * config.data.crop_cpus
     init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, int(needed + 0.999)))
     if check_budget:
-        total_cpus = ray.cluster_resources().get("CPU", 0)
-        check_cpu_budget(total_cpus, tc.num_workers, config.ray.num_cpus_per_worker, config.data.crop_cpus)
+        check_cpu_budget(wait_for_cpus(needed - config.data.crop_cpus, 120 if address else 0), tc.num_workers,
+                         config.ray.num_cpus_per_worker, config.data.crop_cpus)
 
     tracking_uri, run_id = "", ""
     if track:
