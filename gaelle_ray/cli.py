@@ -99,6 +99,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_attention(args: argparse.Namespace) -> int:
+    from gaelle_ray.viz import show_attention
+
+    paths = show_attention(args.checkpoint, args.images, args.out, arch=args.arch, image_size=args.image_size)
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaelle", allow_abbrev=False,
@@ -130,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="Ray address ('auto', ray://...), or omit for a local instance")
     sweep.add_argument("--resume", action="store_true", help="continue a stopped sweep (finished trials are kept)")
     sweep.set_defaults(handler=_sweep)
+
+    att = sub.add_parser("show-attention", help="draw the semantic attention of each head group over images")
+    att.add_argument("--checkpoint", required=True,
+                     help="checkpoint folder (epoch_NNNNN), run folder (newest epoch), or released .pth")
+    att.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    att.add_argument("--out", required=True, help="output folder for the PNGs")
+    att.add_argument("--arch", help="backbone (released checkpoints only; ours record it)")
+    att.add_argument("--image-size", type=int, default=224, help="short side resize + centre crop")
+    att.set_defaults(handler=_show_attention)
 
     toy = sub.add_parser("make-toy", help="write the demo multi-object image set in COCO format")
     toy.add_argument("--out", required=True, help="output folder")
