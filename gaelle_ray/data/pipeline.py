@@ -1,0 +1,567 @@
+"""The Ray Data stream that feeds multi-crop batches to the Ray Train workers.
+
+This is the only module of :mod:`gaelle_ray.data` that imports Ray.
+
+Shape of the stream
+-------------------
+Ray Data has a large fixed cost per execution (6-13 s before the first batch of a bare read
+on 2 cores), so the stream is built ONCE for all the epochs of a run instead of being
+re-executed every epoch:
+
+1. *Work items.* The rows of the split (``data.split`` of the shards at ``data.shards``, the
+   first ``data.max_images`` of them when > 0, in manifest order) are cut into items of at
+   most ``rows_per_item`` consecutive rows of one shard: ``(shard, start, stop)``.
+2. *Input.* ``ray.data.from_items`` holds one row ``{epoch, item}`` per item and epoch, one
+   row per block, epoch after epoch, the items of epoch ``e`` in a random order seeded by
+   ``(train.seed, e)``. Ray Data consumes input blocks in order, so items reach the crop
+   stage in epoch order (only the few tasks in flight can finish out of order). Building
+   the input costs ~1 ms per block on the driver (``ray.put``; measured for 20k blocks on
+   a 2-core machine: 1.1 ms, ~0.7 KB of object store and ~4.5 KB of driver memory each),
+   and the blocks live as long as the stream: 16 items x 4 epochs for the 2000-image demo,
+   but ~370k blocks (~7 min, ~270 MB + ~1.6 GB) for 400 COCO epochs at 128 rows per item.
+   For long runs build the stream for chunks of epochs (``start_epoch``/``num_epochs``)
+   or raise ``rows_per_item``.
+3. *Crop stage.* ``map_batches(crop_items, batch_size=1, num_cpus=data.crop_cpus)``: each
+   task (one per item) reads its rows from the Parquet shard with pyarrow (through
+   ``pyarrow.fs``, so local paths, ``s3://`` and ``gs://`` all work; only the row groups
+   that hold the rows are read), shuffles them with an rng seeded by
+   ``(seed, epoch, shard, start)``, decodes and crops every image with an rng seeded by
+   ``(seed, epoch, image_id)`` (so an image's crops in an epoch do not depend on scheduling,
+   item size or worker count), drops undecodable rows and outputs one row per image:
+
+   - ``crops_{r}``: uint8 (n_r, 3, S_r, S_r) per resolution r (per batch: (B, n_r, 3, S, S));
+     when ``augmentation.colour_on_device`` is false, the colour half (jitter, grayscale,
+     blur, normalise) runs here too and the crops are float16 normalised instead;
+   - ``epoch``, ``image_id``: int64;
+   - ``skipped``: int64, the number of undecodable records of the item on its first row, 0
+     elsewhere, so that the column's sum over the stream counts the records skipped.
+
+   There is no separate Ray Data read operator: reading a few row groups is part of the crop
+   task, which keeps the CPU budget to one kind of task.
+
+Shuffling is two-level: the order of the items is a fresh permutation every epoch and the
+rows inside an item are shuffled, but a batch of B rows holds images of roughly
+``B / rows_per_item + 1`` items (neighbouring rows of a shard). Shards are written in
+image-id order, which for COCO carries no content order; use a small ``rows_per_item`` for
+data sets whose row order means something.
+
+Worker side
+-----------
+:func:`epoch_batches` iterates ONE ``iter_torch_batches(batch_size=B, drop_last=True)``
+over the whole stream and cuts it into epochs of exactly ``steps_per_epoch`` batches
+(:func:`steps_per_epoch`: ``floor(rows / (B * W))``, the remainder of an epoch is not
+dropped but rolls over). Consequences, by design:
+
+- the rows a worker gets beyond ``steps_per_epoch * B`` in epoch e are used at the start of
+  its epoch e + 1, and so on; a batch may mix rows of two consecutive epochs (the
+  ``row_epochs`` field says which), and with several crop tasks in flight a few items of
+  epoch e + 1 may overtake the last items of epoch e. Every image is still seen once per
+  stream-epoch, and at most ``B * W`` rows per epoch roll over.
+- skipped (corrupt) records shorten the stream; if it runs dry before
+  ``num_epochs * steps_per_epoch`` batches, :class:`StreamExhaustedError` says so.
+
+CPU budget (read this before sizing a cluster)
+----------------------------------------------
+Ray Train workers hold their CPUs for the whole run. Ray Data tasks only run on the CPUs
+left over, so on a cluster with ``C`` CPUs, ``W`` train workers of ``c`` CPUs each and crop
+tasks of ``crop_cpus`` CPUs, you need::
+
+    C >= W * c + crop_cpus          (at least one crop task can run)
+
+and for throughput ``C - W * c`` should hold as many crop tasks as needed to keep up
+(``(C - W * c) / crop_cpus`` tasks run at once). The input blocks are made on the driver
+and the stream has no separate read tasks, so nothing else needs reserving. When the rule is broken
+the crop tasks stay pending forever while the train workers wait for their first batch: a
+deadlock, not an error (a local instance with ``num_cpus=2`` and two 1-CPU train workers is
+the classic case). :func:`check_cpu_budget` raises ValueError for it; call it before
+``trainer.fit()``.
+
+Why not ``DataContext.execution_options.resource_limits`` / ``exclude_resources``: they
+only cap what Ray Data *asks* for; they cannot create free CPUs, so they do not prevent the
+deadlock. In Ray 2.60 Ray Train already reserves its workers' resources through the
+autoscaling coordinator and Ray Data's budget is what is left, so also setting
+``exclude_resources`` to the training CPUs would subtract them twice. The stream therefore
+sets no resource limits; ``data.read_parallelism`` > 0 caps the number of concurrent crop
+tasks (0 lets Ray Data decide).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from gaelle_ray.data.augment import ColourAugment, ColourConfig, ColourParams, sample_colour_params
+from gaelle_ray.data.crops import DecodeError, DecodeOptions, MultiCropSpec, decode_and_crop
+from gaelle_ray.data.shards import read_manifest
+
+__all__ = [
+    "DEFAULT_ROWS_PER_ITEM",
+    "StreamBatch",
+    "StreamExhaustedError",
+    "StreamPlan",
+    "WorkItem",
+    "build_pretrain_stream",
+    "check_cpu_budget",
+    "colour_config",
+    "count_rows",
+    "crop_item",
+    "crop_items",
+    "epoch_batches",
+    "epoch_item_order",
+    "multicrop_spec",
+    "plan_items",
+    "read_rows",
+    "split_shards",
+    "steps_per_epoch",
+    "work_item_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROWS_PER_ITEM = 128  # rows per work item: the shards' default row group size
+
+# Domain tags mixed into the seeds so that the three random streams never coincide.
+_TAG_ORDER, _TAG_ROWS, _TAG_CROP = 0x0D3E, 0x5A0F, 0xC409
+_MASK64 = (1 << 64) - 1
+_READ_COLUMNS = ["jpeg", "image_id"]
+
+
+def _seed(*values: int) -> np.random.SeedSequence:
+    """A SeedSequence from any ints (negative ones taken modulo 2**64)."""
+    return np.random.SeedSequence([int(v) & _MASK64 for v in values])
+
+
+# ----------------------------------------------------------------------------- from the config
+
+
+def multicrop_spec(config) -> MultiCropSpec:
+    """The crop geometry of ``config.augmentation`` (size_crops, nmb_crops, scales, ratio)."""
+    return MultiCropSpec.from_config(config)
+
+
+def colour_config(config) -> ColourConfig:
+    """The colour half of ``config.augmentation`` (jitter, grayscale, blur, mean/std)."""
+    return ColourConfig.from_config(config)
+
+
+def split_shards(config) -> list[tuple[str, int]]:
+    """``[(shard path or URI, rows used), ...]`` of ``data.split``, in manifest order.
+
+    Honours ``data.max_images`` (the first N rows of the split; the last shard used may be
+    cut and later shards dropped). Raises ValueError when the split is not in the manifest
+    or has no rows.
+    """
+    uri = config.data.shards
+    manifest = read_manifest(uri)
+    split = config.data.split
+    root = os.fspath(uri).rstrip("/")
+    if root.endswith(".json"):
+        root = root.rsplit("/", 1)[0]
+    if "://" not in root:
+        root = os.path.abspath(root)
+    shards = [(f"{root}/{s['path']}", int(s["num_rows"])) for s in manifest["shards"]
+              if s["split"] == split]
+    if not shards:
+        raise ValueError(f"data.split = {split!r}: no shards of that split in {uri} "
+                         f"(splits: {sorted(manifest.get('counts', {}))})")
+    limit = config.data.max_images
+    if limit > 0:
+        kept, left = [], limit
+        for path, rows in shards:
+            if left <= 0:
+                break
+            kept.append((path, min(rows, left)))
+            left -= rows
+        shards = kept
+    shards = [(p, n) for p, n in shards if n > 0]
+    if not shards:
+        raise ValueError(f"data.split = {split!r} of {uri} has no rows")
+    return shards
+
+
+def count_rows(config) -> int:
+    """Rows (images) one epoch of the stream holds: the split's rows, capped by data.max_images."""
+    return sum(rows for _, rows in split_shards(config))
+
+
+def steps_per_epoch(config, num_rows: int, world_size: int) -> int:
+    """Optimisation steps per epoch: ``floor(num_rows / (B * W))`` (the last partial global
+    batch is not a step; its rows roll over into the next epoch, see the module docstring).
+
+    B = ``train.batch_size_per_worker``, W = ``world_size``. Raises ValueError when the data
+    do not fill a single global batch.
+    """
+    b = config.train.batch_size_per_worker
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if num_rows < 0:
+        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
+    steps = num_rows // (b * world_size)
+    if steps == 0:
+        raise ValueError(
+            f"{num_rows} images ({config.data.shards}, split {config.data.split!r}, "
+            f"data.max_images = {config.data.max_images}) do not fill one global batch of "
+            f"train.batch_size_per_worker x workers = {b} x {world_size} = {b * world_size}")
+    return steps
+
+
+def check_cpu_budget(total_cpus: float, num_workers: int, cpus_per_worker: float,
+                     crop_cpus: float) -> float:
+    """Raise ValueError if the train workers would leave no CPU for a crop task.
+
+    Rule: ``total_cpus >= num_workers * cpus_per_worker + crop_cpus``. Returns the CPUs left
+    to the stream (``total_cpus - num_workers * cpus_per_worker``); logs a warning when they
+    hold a single crop task only.
+    """
+    for name, value in (("total_cpus", total_cpus), ("cpus_per_worker", cpus_per_worker)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if crop_cpus <= 0:
+        raise ValueError(f"data.crop_cpus must be > 0, got {crop_cpus}")
+    train_cpus = num_workers * cpus_per_worker
+    free = total_cpus - train_cpus
+    if free < crop_cpus:
+        raise ValueError(
+            f"CPU budget: the cluster has {total_cpus:g} CPUs, the {num_workers} train workers "
+            f"take {num_workers} x ray.num_cpus_per_worker {cpus_per_worker:g} = {train_cpus:g}, "
+            f"leaving {max(free, 0):g} for the data stream, less than one crop task "
+            f"(data.crop_cpus = {crop_cpus:g}). Ray Data would wait forever for a CPU while the "
+            f"workers wait for data (deadlock). Need total CPUs >= {train_cpus + crop_cpus:g}: "
+            "add CPUs, use fewer workers or lower ray.num_cpus_per_worker / data.crop_cpus.")
+    if free < 2 * crop_cpus:
+        logger.warning("only %g CPUs left for the data stream: a single crop task at a time "
+                       "(data.crop_cpus = %g); data loading will likely be the bottleneck",
+                       free, crop_cpus)
+    return free
+
+
+# ----------------------------------------------------------------------------- work items
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Rows ``[start, stop)`` of shard number ``shard``."""
+
+    shard: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def plan_items(shard_rows: Sequence[int], rows_per_item: int) -> list[WorkItem]:
+    """Cut every shard (``shard_rows[k]`` rows) into items of at most ``rows_per_item`` rows."""
+    if rows_per_item < 1:
+        raise ValueError(f"rows_per_item must be >= 1, got {rows_per_item}")
+    return [WorkItem(k, start, min(start + rows_per_item, rows))
+            for k, rows in enumerate(shard_rows) for start in range(0, rows, rows_per_item)]
+
+
+def epoch_item_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """(num_items,) int64 permutation: the order of the items in ``epoch``."""
+    return np.random.default_rng(_seed(seed, _TAG_ORDER, epoch)).permutation(num_items)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a stream task needs (small and picklable; shipped once per operator).
+
+    ``colour``: the colour config when the colour half runs in the stream, else None.
+    """
+
+    shards: tuple[str, ...]
+    items: tuple[WorkItem, ...]
+    seed: int
+    spec: MultiCropSpec
+    colour: ColourConfig | None = None
+    decode: DecodeOptions = dataclasses.field(default_factory=DecodeOptions)
+
+    @classmethod
+    def from_config(cls, config, rows_per_item: int = DEFAULT_ROWS_PER_ITEM,
+                    decode: DecodeOptions | None = None) -> "StreamPlan":
+        shards = split_shards(config)
+        aug = config.augmentation
+        return cls(shards=tuple(p for p, _ in shards),
+                   items=tuple(plan_items([n for _, n in shards], rows_per_item)),
+                   seed=config.train.seed, spec=multicrop_spec(config),
+                   colour=None if aug.colour_on_device else colour_config(config),
+                   decode=DecodeOptions() if decode is None else decode)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(item) for item in self.items)
+
+
+# ----------------------------------------------------------------------------- stream tasks
+
+
+def work_item_rows(plan: StreamPlan, epochs: Sequence[int]) -> list[dict[str, int]]:
+    """The stream's input rows ``{"epoch", "item"}``: every epoch's items in its random order."""
+    return [{"epoch": int(e), "item": int(i)}
+            for e in epochs for i in epoch_item_order(len(plan.items), plan.seed, e)]
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_file(path: str) -> tuple[pafs.FileSystem, str, pq.FileMetaData, np.ndarray]:
+    """File system, inner path, Parquet footer and row-group start offsets of one shard.
+
+    Cached per process: Ray reuses worker processes, so each shard's footer is read once.
+    """
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+    else:
+        fs, inner = pafs.LocalFileSystem(), path
+    with fs.open_input_file(inner) as f:
+        metadata = pq.read_metadata(f)
+    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # (G + 1,)
+    return fs, inner, metadata, offsets
+
+
+def read_rows(path: str, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of a shard (columns jpeg, image_id), reading only their row groups."""
+    fs, inner, metadata, offsets = _shard_file(path)
+    if not 0 <= start < stop <= offsets[-1]:
+        raise ValueError(f"{path}: rows [{start}, {stop}) out of range: the shard has "
+                         f"{offsets[-1]} rows (manifest and shard disagree?)")
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))  # exclusive
+    with fs.open_input_file(inner) as f:
+        table = pq.ParquetFile(f, metadata=metadata).read_row_groups(
+            list(range(first, last)), columns=_READ_COLUMNS)
+    return table.slice(start - int(offsets[first]), stop - start)
+
+
+def _crop_one(jpeg: bytes | None, spec: MultiCropSpec, rng: np.random.Generator,
+              options: DecodeOptions) -> list[np.ndarray] | None:
+    """All crops of one record (HWC uint8, spec order), or None if it does not decode."""
+    try:
+        return decode_and_crop(jpeg, spec, rng, options)
+    except DecodeError as exc:
+        logger.warning("skipping an undecodable record: %s", exc)
+        return None
+
+
+def _assemble(crops: list[list[np.ndarray]], spec: MultiCropSpec) -> dict[str, np.ndarray]:
+    """Per-image HWC crops -> ``crops_{r}``: uint8 (N, n_r, 3, S_r, S_r) per resolution."""
+    out, first = {}, 0
+    for r, (size, count) in enumerate(zip(spec.size_crops, spec.nmb_crops)):
+        arr = np.empty((len(crops), count, 3, size, size), dtype=np.uint8)  # (N, n_r, 3, S, S)
+        for b, image_crops in enumerate(crops):
+            for k in range(count):
+                arr[b, k] = image_crops[first + k].transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+        out[f"crops_{r}"] = arr
+        first += count
+    return out
+
+
+def _cat_params(params: list[ColourParams]) -> ColourParams:
+    """Concatenate the per-image parameter sets along the sample axis."""
+    return ColourParams(**{f.name: torch.cat([getattr(p, f.name) for p in params])
+                           for f in dataclasses.fields(ColourParams)})
+
+
+def _colour(out: dict[str, np.ndarray], colour_seeds: list[int], plan: StreamPlan) -> None:
+    """Colour half on the CPU, in place: ``crops_{r}`` become float16 normalised crops.
+
+    Image b's parameters come from a torch generator seeded with ``colour_seeds[b]`` (drawn
+    from that image's crop rng), resolution after resolution, so they are as repeatable as
+    its crops; the work itself is batched over the item.
+    """
+    generators = []
+    for s in colour_seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(s)
+        generators.append(g)
+    augment = ColourAugment(plan.colour, out_dtype=torch.float16)
+    for r, count in enumerate(plan.spec.nmb_crops):
+        x = torch.from_numpy(out[f"crops_{r}"])  # (N, n_r, 3, S, S) uint8
+        if x.shape[0] == 0:
+            out[f"crops_{r}"] = x.to(torch.float16).numpy()
+            continue
+        params = _cat_params([sample_colour_params(count, g, cfg=plan.colour)
+                              for g in generators])  # N * n_r samples, image-major
+        out[f"crops_{r}"] = augment(x, params).numpy()  # (N, n_r, 3, S, S) float16
+
+
+def crop_item(plan: StreamPlan, epoch: int, item: WorkItem) -> dict[str, np.ndarray]:
+    """Read, shuffle, decode and crop the rows of one work item (see the module docstring).
+
+    Returns columns for the N decodable rows: ``crops_{r}`` (N, n_r, 3, S_r, S_r) uint8 (or
+    float16 normalised when ``plan.colour`` is set), ``epoch``, ``image_id``, ``skipped``
+    (N,) int64.
+    """
+    table = read_rows(plan.shards[item.shard], item.start, item.stop)
+    jpegs = table.column("jpeg").to_pylist()
+    ids = table.column("image_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.random.default_rng(
+        _seed(plan.seed, _TAG_ROWS, epoch, item.shard, item.start)).permutation(len(ids))
+    crops, kept, colour_seeds = [], [], []
+    for i in order:
+        rng = np.random.default_rng(_seed(plan.seed, _TAG_CROP, epoch, ids[i]))
+        image_crops = _crop_one(jpegs[i], plan.spec, rng, plan.decode)
+        if image_crops is None:
+            continue
+        crops.append(image_crops)
+        kept.append(ids[i])
+        colour_seeds.append(int(rng.integers(0, 2**63 - 1)))
+    out = _assemble(crops, plan.spec)
+    if plan.colour is not None:
+        _colour(out, colour_seeds, plan)
+    n, skipped = len(kept), len(ids) - len(kept)
+    out["epoch"] = np.full(n, epoch, dtype=np.int64)
+    out["image_id"] = np.asarray(kept, dtype=np.int64).reshape(n)
+    out["skipped"] = np.zeros(n, dtype=np.int64)
+    if skipped and n:
+        out["skipped"][0] = skipped
+    elif skipped:
+        logger.error("every record of %s rows [%d, %d) is undecodable; the %d skipped records "
+                     "of this item are not counted in the stream's 'skipped' column",
+                     plan.shards[item.shard], item.start, item.stop, skipped)
+    return out
+
+
+def crop_items(batch: Mapping[str, np.ndarray], plan: StreamPlan) -> dict[str, np.ndarray]:
+    """Ray Data UDF of the crop stage: item rows ``{epoch, item}`` -> image rows."""
+    torch.set_num_threads(1)  # one task per CPU; torch's intra-op threads would oversubscribe
+    parts = [crop_item(plan, int(e), plan.items[int(i)])
+             for e, i in zip(np.asarray(batch["epoch"]).tolist(),
+                             np.asarray(batch["item"]).tolist())]
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+def _epoch_range(config, start_epoch: int, num_epochs: int | None) -> range:
+    total = config.train.epochs
+    if not 0 <= start_epoch < total:
+        raise ValueError(f"start_epoch = {start_epoch} is outside [0, train.epochs = {total})")
+    if num_epochs is None:
+        num_epochs = total - start_epoch
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    return range(start_epoch, start_epoch + num_epochs)
+
+
+def build_pretrain_stream(config, start_epoch: int = 0, num_epochs: int | None = None, *,
+                          rows_per_item: int = DEFAULT_ROWS_PER_ITEM,
+                          decode: DecodeOptions | None = None) -> "ray.data.Dataset":
+    """One lazy Ray Dataset with the crops of epochs ``start_epoch .. start_epoch+num_epochs-1``.
+
+    ``num_epochs=None``: up to ``train.epochs``. Rows (one per decodable image and epoch):
+    ``crops_{r}`` (n_r, 3, S_r, S_r) uint8 (float16 normalised when
+    ``augmentation.colour_on_device`` is false), ``epoch``, ``image_id``, ``skipped`` int64.
+    Pass it to the TorchTrainer as ``datasets={"train": ...}`` and read it on the workers
+    with :func:`epoch_batches`. Nothing runs until it is iterated.
+    """
+    epochs = _epoch_range(config, start_epoch, num_epochs)
+    plan = StreamPlan.from_config(config, rows_per_item, decode)
+    logger.info("pretrain stream: %d rows in %d items of <= %d rows from %d shards, "
+                "epochs %d..%d, colour %s", plan.num_rows, len(plan.items), rows_per_item,
+                len(plan.shards), epochs.start, epochs.stop - 1,
+                "on the device" if plan.colour is None else "in the stream")
+    rows = work_item_rows(plan, epochs)
+    # One work item per block = one crop task per item; the blocks are consumed in this
+    # order (epoch after epoch), and only the few tasks in flight can finish out of order.
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    parallel = config.data.read_parallelism
+    return ds.map_batches(crop_items, batch_size=1, batch_format="numpy",
+                          fn_kwargs={"plan": plan}, num_cpus=config.data.crop_cpus,
+                          concurrency=parallel if parallel > 0 else None)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class StreamExhaustedError(RuntimeError):
+    """The stream ended before the requested number of batches."""
+
+
+class StreamBatch(NamedTuple):
+    """One training batch of B images.
+
+    crops: per resolution r, (n_r * B, 3, S_r, S_r) on the device, crop-major (crop k of image
+    b at row ``k * B + b``), uint8 (float16 normalised when the colour ran in the stream).
+    skipped: undecodable records accounted to this batch. wait_s: seconds spent waiting for
+    it. image_ids, row_epochs: (B,) int64 on the CPU, the stream epoch each row was made for.
+    """
+
+    epoch: int
+    step: int
+    crops: list[torch.Tensor]
+    skipped: int
+    wait_s: float
+    image_ids: torch.Tensor
+    row_epochs: torch.Tensor
+
+
+def _crop_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, n_r, 3, S, S) -> (n_r * B, 3, S, S), crop k of image b at row k * B + b."""
+    b, n, c, h, w = x.shape
+    return x.transpose(0, 1).reshape(n * b, c, h, w)  # (n_r, B, 3, S, S) -> (n_r*B, 3, S, S)
+
+
+def _crop_keys(batch: Mapping[str, Any]) -> list[str]:
+    keys = sorted((k for k in batch if k.startswith("crops_")), key=lambda k: int(k[6:]))
+    if not keys or keys != [f"crops_{r}" for r in range(len(keys))]:
+        raise ValueError(f"a stream batch needs columns crops_0, crops_1, ..., got {sorted(batch)}")
+    return keys
+
+
+def epoch_batches(iterator, batch_size: int, steps_per_epoch: int, num_epochs: int,
+                  device: torch.device | str = "cpu", *, start_epoch: int = 0,
+                  prefetch_batches: int = 2) -> Iterator[StreamBatch]:
+    """Cut ONE pass over the stream into ``num_epochs`` epochs of ``steps_per_epoch`` batches.
+
+    ``iterator``: a ``ray.data.DataIterator`` (``ray.train.get_dataset_shard("train")``) or a
+    ``ray.data.Dataset``. Yields :class:`StreamBatch` ``(epoch, step, crops, skipped, wait_s,
+    image_ids, row_epochs)`` for epochs ``start_epoch ..`` and steps ``0 .. steps_per_epoch-1``.
+    Batches are copied to ``device`` with ``non_blocking=True`` (from pinned memory on CUDA).
+    Rows left over at the end of an epoch roll into the next (module docstring). Raises
+    :class:`StreamExhaustedError` when the stream ends early.
+    """
+    for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch),
+                        ("num_epochs", num_epochs)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    device = torch.device(device)
+    batches = iter(iterator.iter_torch_batches(
+        batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches,
+        device="cpu", pin_memory=device.type == "cuda"))
+    total = steps_per_epoch * num_epochs
+    keys: list[str] | None = None
+    for i in range(total):
+        epoch, step = start_epoch + i // steps_per_epoch, i % steps_per_epoch
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise StreamExhaustedError(
+                f"the data stream ended after {i} batches of {batch_size} (epoch {epoch}, step "
+                f"{step}); expected {num_epochs} epochs x {steps_per_epoch} steps = {total}. "
+                "Either the stream was built for fewer epochs or rows than the loop runs, or "
+                "undecodable records (see the 'skipped' counts) used up the per-epoch "
+                "slack; rebuild the stream or lower steps_per_epoch") from None
+        wait_s = time.perf_counter() - t0
+        keys = keys or _crop_keys(batch)
+        crops = [_crop_major(batch[k].to(device, non_blocking=True)) for k in keys]
+        yield StreamBatch(epoch, step, crops, int(batch["skipped"].sum()), wait_s,
+                          batch["image_id"], batch["epoch"])
