@@ -108,6 +108,66 @@ def _show_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+PROTOCOL = {"coco": {"eval.batch_size": 128, "eval.lr": 0.1}, "voc": {"eval.batch_size": 32, "eval.lr": 0.03}}
+
+
+def _eval_config(args: argparse.Namespace):
+    """The config an evaluation runs with: --config, else the checkpoint's own (meta.json),
+    else the defaults; switching data set applies that data set's protocol batch size and lr."""
+    from gaelle_ray.config import Config
+    from gaelle_ray.eval.checkpoints import read_meta
+
+    if args.config:
+        config = load_config(args.config)
+    else:
+        meta = read_meta(args.checkpoint) if args.checkpoint != "random" else None
+        config = Config.from_dict(meta["config"], source=f"{args.checkpoint}/meta.json") if meta else Config()
+    changes = {}
+    if args.dataset and args.dataset != config.eval.dataset:
+        changes = {"eval.dataset": args.dataset, **PROTOCOL.get(args.dataset, {})}
+    from gaelle_ray.config import parse_override
+    changes.update(dict(parse_override(item) for item in args.overrides))
+    return config.replace(changes) if changes else config
+
+
+def _linear_eval(args: argparse.Namespace) -> int:
+    from gaelle_ray.eval.linear import run_linear_eval
+
+    config = _eval_config(args)
+    result = run_linear_eval(args.checkpoint, args.dataset, args.data, config, fast=args.fast,
+                             allow_overlap=args.allow_overlap or None, num_workers=args.num_workers)
+    _print_eval(result)
+    return 0
+
+
+def _semisup(args: argparse.Namespace) -> int:
+    from gaelle_ray.eval.semisup import run_semisup
+
+    config = _eval_config(args)
+    kwargs = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
+    result = run_semisup(args.checkpoint, args.percent, args.data, config, dataset=args.dataset,
+                         allow_overlap=args.allow_overlap or None, seed=args.seed, **kwargs)
+    _print_eval(result)
+    return 0
+
+
+def _print_eval(result: dict) -> None:
+    for row in result.get("per_class", []):
+        ap = row.get("ap_final")
+        print(f"  {row['class']:<20} AP {'excluded' if ap is None or ap != ap else f'{100 * ap:.1f}'}")
+    print(f"{result['mode']}: final test mAP {100 * result['map_final']:.2f} (last epoch), "
+          f"best test mAP {100 * result['map_best']:.2f} (epoch {result['best_epoch']}, best over epochs)")
+    if result.get("run_id"):
+        print(f"MLflow run {result['run_id']}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gaelle_ray.demo import run_demo
+
+    run_demo(args.out, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaelle", allow_abbrev=False,
@@ -139,6 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="Ray address ('auto', ray://...), or omit for a local instance")
     sweep.add_argument("--resume", action="store_true", help="continue a stopped sweep (finished trials are kept)")
     sweep.set_defaults(handler=_sweep)
+
+    demo = sub.add_parser("demo", help="toy set -> pretraining on Ray -> linear probe vs random init (CPU, minutes)")
+    demo.add_argument("--out", default="runs/demo", help="where the demo writes its data and run")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of experiments/cpu_demo.yaml")
+    demo.set_defaults(handler=_demo)
+
+    for name, helptext in (("linear-eval", "linear probe mAP of a frozen backbone (method.md section 7)"),
+                           ("semisup", "fine-tune with 1%% or 10%% of the labels")):
+        ev = sub.add_parser(name, help=helptext)
+        ev.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, exported torchvision .pth, released GAELLE/SwAV .pth, or 'random'")
+        ev.add_argument("--dataset", choices=["coco", "voc", "toy"], help="evaluation data set (default eval.dataset)")
+        ev.add_argument("--data", help="evaluation shards URI (default eval.data)")
+        ev.add_argument("--config", help="config for the eval settings (default: the checkpoint's own)")
+        ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        ev.add_argument("--allow-overlap", action="store_true",
+                        help="evaluate even if the test images were in the pretraining data (tagged in MLflow)")
+        if name == "linear-eval":
+            ev.add_argument("--fast", action="store_true", help="classifier on cached centre-crop features (proxy)")
+            ev.add_argument("--num-workers", type=int, help="Ray Train workers for the full protocol")
+            ev.set_defaults(handler=_linear_eval)
+        else:
+            ev.add_argument("--percent", type=float, required=True, choices=[1.0, 10.0])
+            ev.add_argument("--epochs", type=int, help="default 20")
+            ev.add_argument("--batch-size", type=int, help="default 32")
+            ev.add_argument("--seed", type=int, default=0, help="fixes the label subset")
+            ev.set_defaults(handler=_semisup)
 
     att = sub.add_parser("show-attention", help="draw the semantic attention of each head group over images")
     att.add_argument("--checkpoint", required=True,
