@@ -94,12 +94,9 @@ def naive_local_loss(local_scores: torch.Tensor, local_codes: dict[int, torch.Te
             if v == i:
                 continue
             r = local_scores[v * rows:(v + 1) * rows]  # (B*S, K_l)
-            if slot_perm is not None:
-                shuffled = []
-                for b in range(batch_size):
-                    for j in range(n_slots):
-                        shuffled.append(r[b * n_slots + int(slot_perm[j])])
-                r = torch.stack(shuffled)
+            if slot_perm is not None:  # slot j of every image takes slot perm[j]
+                rows_of = [b * n_slots + int(slot_perm[j]) for b in range(batch_size) for j in range(n_slots)]
+                r = r[rows_of]
             sub = sub + naive_ce(q, r, temperature)
         loss = loss + sub / (n_global - 1)
     return loss / len(local_codes)

@@ -1,0 +1,75 @@
+"""The tiny toy sweep of experiments/sweeps/toy_tiny.yaml on a local Ray instance (with the
+dashboard, which Tune on Train V2 needs to release placement groups): both trials run, the
+collapsed one is stopped and flagged, MLflow has the parent run and one child per trial,
+and the best trial's config is written out ready to run."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gaelle_ray.config import ConfigError, load_config
+from gaelle_ray.data.shards import prepare_toy
+from gaelle_ray.tune import load_sweep, param_space, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_file_validates(path):
+    spec = load_sweep(path)
+    assert param_space(spec)
+
+
+def test_bad_sweep_files_name_the_key(tmp_path):
+    base = str(ROOT / "experiments" / "cpu_demo.yaml")
+    cases = [({"name": "x", "base": base, "space": {"optim.bse_lr": {"grid": [0.1]}}}, "space.optim.bse_lr"),
+             ({"name": "x", "base": base, "space": {"optim.base_lr": {"grids": [0.1]}}}, "space.optim.base_lr"),
+             ({"name": "x", "base": base, "space": {"loss.epsilon": {"grid": [0.0]}}}, "loss.epsilon"),
+             ({"name": "x", "base": base, "space": {"optim.base_lr": {"loguniform": [0, 1]}}}, "bounds"),
+             ({"name": "x", "base": base, "spaces": {}}, "did you mean 'space'")]
+    for raw, fragment in cases:
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+            load_sweep(path)
+
+
+@pytest.mark.slow
+def test_toy_sweep_runs_stops_collapsed_trial_and_tracks_in_mlflow(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    shards = tmp_path / "shards"
+    prepare_toy(str(shards), n_train=128, n_val=64, image_size=64, seed=0)
+    raw = yaml.safe_load((ROOT / "experiments" / "sweeps" / "toy_tiny.yaml").read_text())
+    raw["base"] = str(ROOT / "experiments" / "cpu_demo.yaml")
+    raw["set"].update({"data.shards": str(shards), "eval.data": str(shards)})
+    raw["storage"] = str(tmp_path / "sweeps")
+    path = tmp_path / "toy_tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        result = run_sweep(load_sweep(path))
+    finally:
+        ray.shutdown()
+
+    by_eps = {t["params"]["loss.epsilon"]: t for t in result.trials}
+    assert set(by_eps) == {0.05, 1000.0}
+    assert by_eps[1000.0]["collapsed"] is True  # uniform codes at ln K: stopped after its first epoch
+    assert by_eps[0.05]["collapsed"] is False and 0.0 < by_eps[0.05]["map"] <= 1.0
+    best = load_config(result.best_config_path)  # ready to run
+    assert best.loss.epsilon == 0.05 and result.best_map == pytest.approx(by_eps[0.05]["map"])
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    pretrain_runs = [r for r in children if r.data.tags.get("job") == "pretrain"]
+    assert len(pretrain_runs) == 2
+    eps = sorted(float(r.data.params["loss.epsilon"]) for r in pretrain_runs)
+    assert eps == [0.05, 1000.0]
+    assert any("map" in r.data.metrics for r in pretrain_runs)
+    assert "best_map" in parent.data.metrics
