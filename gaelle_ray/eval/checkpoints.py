@@ -1,0 +1,267 @@
+"""Backbones for evaluation, from every kind of checkpoint people hand us.
+
+`load_backbone(path_or_dir, arch)` returns a torchvision ResNet with `fc = Identity` (and
+`num_features`) whose every weight came from the checkpoint. Accepted:
+
+- "random": a randomly initialised backbone (baselines); `arch` is required.
+- a gaelle checkpoint folder (state.pt + meta.json, what `gaelle pretrain` writes, local or
+  a pyarrow URI); the arch comes from meta.json's config when not given.
+- a `.pth`/`.pt` file holding
+  - a torchvision ResNet state dict (`conv1.weight`, ..., `fc.*`; `fc` is dropped), as
+    `gaelle export` and the pretraining run's backbone artifact write it;
+  - the authors' released GAELLE / SwAV checkpoint (keys prefixed `module.`, optionally
+    under "state_dict"), read as `gaelle_ray.model.weights.import_released_checkpoint` does;
+  - a GaelleModel state dict (`backbone.*` keys) or a gaelle state.pt (`worker.model`).
+  The arch is inferred from the layer shapes when not given.
+
+Loading is strict (method.md section 8): every backbone key must be present with the right
+shape, and nothing else may be left over, or the load is a ValueError naming the file and
+the keys. There is no path that silently returns a random backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from gaelle_ray.model.backbone import build_backbone
+from gaelle_ray.model.weights import (
+    backbone_state, load_state_strict, read_checkpoint_file, released_to_gaelle,
+)
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+STATE_FILE = "state.pt"  # same names as gaelle_ray.train.checkpoint (not imported: it pulls in the queue code)
+META_FILE = "meta.json"
+RUN_ID_FILE = "mlflow_run.json"  # written by the pretraining driver into train.run_dir
+
+# (blocks per stage, bottleneck) -> arch; wide_resnet50_2 is told apart by its width.
+_LAYOUTS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _strip_file(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+@contextlib.contextmanager
+def _local(path: str, names: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local path for `path`; a URI is copied to a temporary folder first (the whole file,
+    or the listed `names` of a folder)."""
+    if not _is_uri(path):
+        yield Path(_strip_file(path))
+        return
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(path)
+    with tempfile.TemporaryDirectory(prefix="gaelle-ckpt-") as tmp:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"{path}: checkpoint not found")
+        if info.type == pafs.FileType.File:
+            target = Path(tmp) / Path(base).name
+            pafs.copy_files(base, str(target), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            yield target
+            return
+        for name in names:
+            src = f"{base.rstrip('/')}/{name}"
+            if fs.get_file_info(src).type == pafs.FileType.File:
+                pafs.copy_files(src, str(Path(tmp) / name), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)
+
+
+def _is_folder_checkpoint(path: str) -> bool:
+    if _is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, base = pafs.FileSystem.from_uri(path)
+        return fs.get_file_info(f"{base.rstrip('/')}/{META_FILE}").type == pafs.FileType.File
+    return Path(_strip_file(path)).is_dir()
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """meta.json of a gaelle checkpoint folder, or None for any other kind of checkpoint."""
+    checkpoint = os.fspath(checkpoint)
+    if checkpoint == RANDOM or not _is_folder_checkpoint(checkpoint):
+        return None
+    with _local(checkpoint, (META_FILE,)) as folder:
+        meta_path = folder / META_FILE
+        if not meta_path.is_file():
+            raise ValueError(f"{checkpoint}: folder is not a gaelle checkpoint (no {META_FILE})")
+        try:
+            return json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{checkpoint}/{META_FILE}: not valid JSON: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- arch
+
+
+def infer_arch(state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> str:
+    """The torchvision ResNet name implied by a backbone state dict (torchvision key names)."""
+    blocks = []
+    for stage in range(1, 5):
+        indices = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()}
+        blocks.append(max(indices) + 1 if indices else 0)
+    bottleneck = "layer1.0.conv3.weight" in state
+    arch = _LAYOUTS.get((tuple(blocks), bottleneck))
+    if arch is None:
+        sample = ", ".join(sorted(state)[:6])
+        raise ValueError(f"{source}: cannot tell the ResNet arch from the keys (blocks per stage {blocks}, "
+                         f"bottleneck {bottleneck}; first keys: {sample}); pass arch explicitly")
+    if arch == "resnet50" and state["layer1.0.conv1.weight"].shape[0] == 128:
+        arch = "wide_resnet50_2"
+    return arch
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _state_from_file(obj: Mapping[str, Any], source: str) -> tuple[dict[str, torch.Tensor], str, Any]:
+    """(backbone state with torchvision names, kind, epoch) from the dict inside a file."""
+    if "worker" in obj and isinstance(obj["worker"], Mapping) and "model" in obj["worker"]:
+        return backbone_state(obj["worker"]["model"], source), "gaelle_state_file", None
+    inner = obj.get("state_dict", obj)
+    if not isinstance(inner, Mapping) or not inner:
+        raise ValueError(f"{source}: no state dict in the checkpoint (keys: {sorted(obj)[:10]})")
+    keys = [k for k in inner if isinstance(k, str)]
+    if len(keys) != len(inner) or not all(torch.is_tensor(v) for v in inner.values()):
+        raise ValueError(f"{source}: not a state dict of tensors (keys: {sorted(map(str, inner))[:10]})")
+    if any(k.startswith("module.") for k in keys):
+        gaelle = released_to_gaelle(inner, source)
+        return backbone_state(gaelle, source), "released", obj.get("epoch")
+    if any(k.startswith("backbone.") for k in keys):
+        return backbone_state(inner, source), "gaelle_model_state", obj.get("epoch")
+    state = {k: v for k, v in inner.items() if not k.startswith("fc.")}
+    return state, "torchvision", None
+
+
+def _state_from_folder(path: str, arch: str | None) -> tuple[dict[str, torch.Tensor], str, dict]:
+    with _local(path, (STATE_FILE, META_FILE)) as folder:
+        meta_path, state_path = folder / META_FILE, folder / STATE_FILE
+        if not meta_path.is_file() or not state_path.is_file():
+            raise ValueError(f"{path}: not a complete gaelle checkpoint folder (needs {STATE_FILE} and {META_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}/{META_FILE}: not valid JSON: {exc}") from None
+        raw = read_checkpoint_file(state_path)
+    source = f"{path}/{STATE_FILE}"
+    try:
+        model_state = raw["worker"]["model"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{source}: no worker.model entry (keys: {sorted(raw)[:10]})") from None
+    meta_arch = (meta.get("config") or {}).get("model", {}).get("arch")
+    if arch and meta_arch and arch != meta_arch:
+        raise ValueError(f"{path}: arch {arch!r} was asked for, but the checkpoint's config says "
+                         f"model.arch = {meta_arch!r}")
+    return backbone_state(model_state, source), meta_arch or "", meta
+
+
+def load_backbone_info(path_or_dir: str | os.PathLike, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Like `load_backbone`, also returning {"kind", "arch", "source", "epoch"}.
+
+    kind: "random", "folder", "torchvision", "released", "gaelle_model_state" or
+    "gaelle_state_file".
+    """
+    path = os.fspath(path_or_dir)
+    if path == RANDOM:
+        if not arch:
+            raise ValueError("checkpoint 'random' needs an arch (e.g. resnet50)")
+        return build_backbone(arch), {"kind": RANDOM, "arch": arch, "source": RANDOM, "epoch": None}
+    if _is_folder_checkpoint(path):
+        state, meta_arch, meta = _state_from_folder(path, arch)
+        kind, epoch, source = "folder", meta.get("epoch"), f"{path}/{STATE_FILE}"
+        arch = arch or meta_arch or infer_arch(state, source)
+    else:
+        with _local(path) as local:
+            if not local.is_file():
+                raise ValueError(f"{path}: checkpoint not found (expected 'random', a checkpoint folder or a .pth file)")
+            obj = read_checkpoint_file(local)
+        source = path
+        state, kind, epoch = _state_from_file(obj, source)
+        arch = arch or infer_arch(state, source)
+    backbone = build_backbone(arch)
+    load_state_strict(backbone, state, source)
+    log.info("loaded %s backbone from %s (%s%s)", arch, path, kind, f", epoch {epoch}" if epoch is not None else "")
+    return backbone, {"kind": kind, "arch": arch, "source": path, "epoch": epoch}
+
+
+def load_backbone(path_or_dir: str | os.PathLike, arch: str | None = None) -> nn.Module:
+    """A torchvision ResNet (fc = Identity, attribute `num_features`) with the checkpoint's
+    backbone weights, every key loaded strictly.
+
+    path_or_dir: "random", a gaelle checkpoint folder, or a .pth file (see the module
+    docstring). arch: ResNet name; needed for "random", checked against a folder's config,
+    inferred from a file's keys when None.
+
+    Raises ValueError naming the file and the missing / unexpected / mis-shaped keys when
+    the checkpoint's backbone does not load completely.
+    """
+    return load_backbone_info(path_or_dir, arch)[0]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def pretraining_data_of(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """{"shards": URI, "split": name, "max_images": int} the checkpoint was pretrained on, from
+    the `data` section of its meta.json config; None for checkpoints that do not say
+    (released files, torchvision exports, "random")."""
+    meta = read_meta(checkpoint)
+    if meta is None:
+        return None
+    data = (meta.get("config") or {}).get("data")
+    if not data or not data.get("shards"):
+        raise ValueError(f"{os.fspath(checkpoint)}/{META_FILE}: config has no data.shards")
+    return {"shards": data["shards"], "split": data.get("split", "train"), "max_images": data.get("max_images", 0)}
+
+
+def pretraining_manifest_of(checkpoint: str | os.PathLike) -> str | None:
+    """The shards URI (config data.shards) the checkpoint was pretrained on, or None when the
+    checkpoint does not record it. Used by the leakage guard."""
+    data = pretraining_data_of(checkpoint)
+    return None if data is None else data["shards"]
+
+
+def pretraining_run_id_of(checkpoint: str | os.PathLike) -> str | None:
+    """The MLflow run id of the pretraining run that wrote a checkpoint folder, when the
+    folder sits where `gaelle pretrain` puts it (<run_dir>/train/epoch_NNNNN, with
+    <run_dir>/mlflow_run.json); else None."""
+    path = os.fspath(checkpoint)
+    if path == RANDOM or _is_uri(path):
+        return None
+    folder = Path(_strip_file(path)).resolve()
+    if not folder.is_dir():
+        return None
+    run_file = folder.parent.parent / RUN_ID_FILE
+    if not run_file.is_file():
+        return None
+    try:
+        return json.loads(run_file.read_text()).get("run_id") or None
+    except ValueError:
+        log.warning("%s: not valid JSON; pretraining run id unknown", run_file)
+        return None
