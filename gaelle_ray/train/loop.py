@@ -15,8 +15,6 @@ Ray Train's FailureConfig, which restarts the workers from the newest checkpoint
 from __future__ import annotations
 
 import logging
-import math
-import os
 import random
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
