@@ -364,8 +364,9 @@ def log_eval_run(config, result: ProbeResult, *, job: str, run_name: str, params
                  tags: dict[str, Any], parent_run_id: str | None = None) -> str:
     """One MLflow run (experiment config.tracking.experiment) holding an evaluation: params,
     tags (mlflow.parentRunId = the pretraining run when known), metrics map_final, map_best,
-    best_epoch, ap/<class> (final epoch), per-epoch test_map / train_loss / lr, and the
-    per-class AP table as per_class_ap.csv. Returns the run id."""
+    best_epoch, ap/<class> (final epoch), per-epoch test_map / train_loss / lr, the
+    per-class AP table as per_class_ap.csv and its bar chart pictures/per_class_ap.png.
+    Returns the run id."""
     from gaelle_ray import tracking
 
     uri = tracking.resolve_tracking_uri(config)
@@ -384,7 +385,12 @@ def log_eval_run(config, result: ProbeResult, *, job: str, run_name: str, params
         if result.excluded:
             logger.set_tags({"excluded_classes": ", ".join(result.excluded)[:4000]})
         with tempfile.TemporaryDirectory() as tmp:
+            from gaelle_ray import viz
+
             logger.log_artifact(write_per_class_csv(result, Path(tmp) / "per_class_ap.csv"))
+            chart = viz.plot_per_class_ap(result.class_names, result.ap_final,
+                                          title=f"{run_name}: per-class AP (final epoch, mAP {100 * result.map_final:.1f})")
+            logger.log_artifact(viz.save_figure(chart, Path(tmp) / "per_class_ap.png"), "pictures")
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise

@@ -169,7 +169,7 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     metrics = dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if track and checkpoint:
-        _log_backbone_artifact(config, checkpoint, tracking_uri, run_id)
+        _log_final_artifacts(config, checkpoint, tracking_uri, run_id)
     stopped = read_stop_reason(run_uri)
     if stopped:
         if track:
@@ -193,12 +193,15 @@ def _log_config_artifact(config: Config, uri: str, run_id: str) -> None:
         tracking.log_artifact(uri, run_id, path)
 
 
-def _log_backbone_artifact(config: Config, checkpoint: str, uri: str, run_id: str) -> None:
-    """Export the final checkpoint's backbone as a torchvision state dict artifact."""
+def _log_final_artifacts(config: Config, checkpoint: str, uri: str, run_id: str) -> None:
+    """From the newest checkpoint: the backbone exported as a torchvision state dict, the loss
+    curves, and the attention maps of a few validation images (PNG), into MLflow and into
+    <run_dir>/pictures when the run dir is local."""
     import tempfile
 
     import torch
 
+    from gaelle_ray import viz
     from gaelle_ray.model import build_model
     from gaelle_ray.model.weights import export_backbone, load_state_strict
     from gaelle_ray.train.checkpoint import load_checkpoint
@@ -208,9 +211,61 @@ def _log_backbone_artifact(config: Config, checkpoint: str, uri: str, run_id: st
         if "://" in checkpoint:
             ray.train.Checkpoint(checkpoint).to_directory(tmp + "/ckpt")
             local = tmp + "/ckpt"
-        state, _ = load_checkpoint(local)
+        state, meta = load_checkpoint(local)
         model = build_model(config)
         load_state_strict(model, state["worker"]["model"], checkpoint)
         path = Path(tmp) / f"backbone_{config.model.arch}.pth"
         torch.save(export_backbone(model), path)
         tracking.log_artifact(uri, run_id, path)
+
+        pictures = Path(_storage(config.train.run_dir)) / "pictures" if "://" not in _storage(
+            config.train.run_dir) else Path(tmp) / "pictures"
+        fig = viz.plot_loss_curves(state["history"], nmb_prototypes=config.model.nmb_prototypes,
+                                   title=f"GAELLE pretraining, {config.model.arch}")
+        files = [viz.save_figure(fig, pictures / "loss_curves.png")]
+        images = _validation_images(config, count=4, size=config.augmentation.size_crops[0])
+        if images is not None:
+            fig = viz.plot_attention(images[0], viz.attention_maps(model, images[1]))
+            files.append(viz.save_figure(fig, pictures / f"attention_epoch_{meta['epoch']:05d}.png"))
+        for file in files:
+            tracking.log_artifact(uri, run_id, file, "pictures")
+
+
+def _validation_images(config: Config, count: int, size: int):
+    """(pictures (n, S, S, 3) uint8, normalised (n, 3, S, S)) of the first images of the shards'
+    eval test split (or the pretraining split), or None when there are none."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    from gaelle_ray.data.augment import MEAN, STD
+    from gaelle_ray.data.shards import list_shards
+    from gaelle_ray.train.checkpoint import storage_fs
+
+    for split in (config.eval.test_split, config.data.split):
+        try:
+            paths = list_shards(config.data.shards, split)
+        except (ValueError, OSError):
+            continue
+        if not paths:
+            continue
+        fs, path = storage_fs(paths[0])
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["jpeg"]).slice(0, count)
+        pictures = []
+        for jpeg in table.column("jpeg").to_pylist():
+            img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+            scale = size / min(img.size)
+            img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            pictures.append(np.asarray(img.crop((left, top, left + size, top + size))))
+        if not pictures:
+            continue
+        arr = np.stack(pictures)  # (n, S, S, 3)
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
+        x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        return arr, x
+    return None

@@ -200,6 +200,7 @@ def test_run_linear_eval_guard_and_mlflow(toy_shards, tmp_path, make_config):
     assert run.data.params["eval.batch_size"] == "8" and run.data.params["mode"] == "fast"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_map")] == [0, 1]
     assert "per_class_ap.csv" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "pictures/per_class_ap.png" in [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
     assert client.get_experiment(run.info.experiment_id).name == "eval-test"
 
 

@@ -69,6 +69,9 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
         assert client.get_metric_history(result.mlflow_run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "backbone_resnet18.pth"} <= artifacts
+    pictures = {a.path for a in client.list_artifacts(result.mlflow_run_id, "pictures")}
+    assert pictures == {"pictures/loss_curves.png", "pictures/attention_epoch_00001.png"}
+    assert (tmp_path / "run" / "pictures" / "loss_curves.png").is_file()
     local = client.download_artifacts(result.mlflow_run_id, "backbone_resnet18.pth", str(tmp_path))
     torchvision.models.resnet18().load_state_dict(torch.load(local), strict=True)
 
