@@ -37,7 +37,7 @@ def demo_config(out_dir: Path, overrides: list[str]) -> Config:
                                     f"train.run_dir={out_dir / 'run'}", *overrides])
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: int = 500, image_size: int = 64,
+def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: int = 500, image_size: int = 128,
              overrides: list[str] = (), fresh: bool = True) -> DemoResult:
     """Run the demo under `out_dir`; `overrides` are config `key=value` strings (the tests
     shorten the run with them). fresh: remove a previous demo run first."""
