@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "base", "set", "space", "num_samples", "max_concurrent", "storage", "scheduler", "metric")
 OBJECTIVE = "map"
+TRIAL_CPU = 0.1  # what a trial's own process reserves
 
 
 @dataclass
@@ -223,14 +224,16 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
             parent_file.write_text(parent_run_id)
 
     tc = spec.base.train
-    needed = tc.num_workers * spec.base.ray.num_cpus_per_worker + 2 * spec.base.data.crop_cpus
+    needed = tc.num_workers * spec.base.ray.num_cpus_per_worker + 2 * spec.base.data.crop_cpus + TRIAL_CPU
     init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, int(math.ceil(needed))))
     from gaelle_ray.data.pipeline import check_cpu_budget
 
-    check_cpu_budget(ray.cluster_resources().get("CPU", 0), tc.num_workers, spec.base.ray.num_cpus_per_worker,
-                     spec.base.data.crop_cpus)
+    check_cpu_budget(ray.cluster_resources().get("CPU", 0) - TRIAL_CPU, tc.num_workers,
+                     spec.base.ray.num_cpus_per_worker, spec.base.data.crop_cpus)
 
-    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    # the trial function only drives a TorchTrainer (whose workers reserve their own CPUs);
+    # Tune refuses an empty request, so it holds a tenth of a CPU
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
     if resume and tune.Tuner.can_restore(experiment_path):
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:

@@ -52,15 +52,22 @@ def test_toy_sweep_runs_stops_collapsed_trial_and_tracks_in_mlflow(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     try:
         result = run_sweep(load_sweep(path))
+        again = run_sweep(load_sweep(path), resume=True)  # a finished sweep: nothing reruns
     finally:
         ray.shutdown()
 
     by_eps = {t["params"]["loss.epsilon"]: t for t in result.trials}
-    assert set(by_eps) == {0.05, 1000.0}
+    assert set(by_eps) == {0.05, 0.1, 1000.0}  # the third trial started: placement groups came back
     assert by_eps[1000.0]["collapsed"] is True  # uniform codes at ln K: stopped after its first epoch
-    assert by_eps[0.05]["collapsed"] is False and 0.0 < by_eps[0.05]["map"] <= 1.0
+    # the other two are not collapsed; ASHA (grace 1 epoch) may stop one early, without an mAP
+    assert by_eps[0.05]["collapsed"] is False and by_eps[0.1]["collapsed"] is False
+    finished = [e for e in (0.05, 0.1) if by_eps[e]["map"] is not None]
+    assert finished and all(0.0 < by_eps[e]["map"] <= 1.0 for e in finished)
+    assert all(by_eps[e]["epoch"] < 2 for e in (0.05, 0.1) if e not in finished)
     best = load_config(result.best_config_path)  # ready to run
-    assert best.loss.epsilon == 0.05 and result.best_map == pytest.approx(by_eps[0.05]["map"])
+    best_eps = max(finished, key=lambda e: by_eps[e]["map"])
+    assert best.loss.epsilon == best_eps and result.best_map == pytest.approx(by_eps[best_eps]["map"])
+    assert again.parent_run_id == result.parent_run_id and again.best_map == pytest.approx(result.best_map)
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(result.tracking_uri)
@@ -68,8 +75,8 @@ def test_toy_sweep_runs_stops_collapsed_trial_and_tracks_in_mlflow(tmp_path):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     pretrain_runs = [r for r in children if r.data.tags.get("job") == "pretrain"]
-    assert len(pretrain_runs) == 2
+    assert len(pretrain_runs) == 3  # the resumed sweep reran nothing
     eps = sorted(float(r.data.params["loss.epsilon"]) for r in pretrain_runs)
-    assert eps == [0.05, 1000.0]
+    assert eps == [0.05, 0.1, 1000.0]
     assert any("map" in r.data.metrics for r in pretrain_runs)
     assert "best_map" in parent.data.metrics
