@@ -80,8 +80,9 @@ def _storage(run_dir: str) -> str:
         Path(run_dir.removeprefix("file://")).resolve())
 
 
-def _run_uri(run_dir: str) -> str:
-    return f"{_storage(run_dir).rstrip('/')}/{RUN_NAME}"
+def _run_uri(config: Config) -> str:
+    """Where Ray Train keeps this run's checkpoints: <ray.storage_path or train.run_dir>/train."""
+    return f"{_storage(config.ray.storage_path or config.train.run_dir).rstrip('/')}/{RUN_NAME}"
 
 
 def _read_run_id(run_dir: str) -> str | None:
@@ -96,7 +97,7 @@ def _write_run_id(run_dir: str, run_id: str) -> None:
 def make_stream_factory(config: Config):
     """A callable for TorchTrainer(datasets=...): Ray calls it at every (re)start of the worker
     group, and the stream then begins at the epoch after the newest complete checkpoint."""
-    run_uri = _run_uri(config.train.run_dir)
+    run_uri = _run_uri(config)
 
     def factory():
         done = latest_epoch(run_uri)
@@ -112,7 +113,7 @@ def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "", call
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "run_uri": _run_uri(tc.run_dir)},
+                           "run_uri": _run_uri(config)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.ray.num_cpus_per_worker}),
@@ -135,7 +136,7 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     trial passes TuneReportCallback). check_budget: False inside Tune trials, which share
     the cluster with each other (the sweep checks the budget once for all)."""
     tc = config.train
-    run_uri = _run_uri(tc.run_dir)
+    run_uri = _run_uri(config)
     done = latest_epoch(run_uri)
     if done is not None and not resume:
         raise ValueError(f"train.run_dir = {tc.run_dir!r} already holds a run (checkpoint of epoch {done}); "
@@ -167,9 +168,9 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     clear_stop_reason(run_uri)
     result = build_trainer(config, tracking_uri, run_id, callbacks).fit()
     metrics = dict(result.metrics or {})
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = _checkpoint_uri(result.checkpoint) if result.checkpoint else None
     if track and checkpoint:
-        _log_final_artifacts(config, checkpoint, tracking_uri, run_id)
+        _log_final_artifacts(config, result.checkpoint, checkpoint, tracking_uri, run_id)
     stopped = read_stop_reason(run_uri)
     if stopped:
         if track:
@@ -193,7 +194,13 @@ def _log_config_artifact(config: Config, uri: str, run_id: str) -> None:
         tracking.log_artifact(uri, run_id, path)
 
 
-def _log_final_artifacts(config: Config, checkpoint: str, uri: str, run_id: str) -> None:
+def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """A local path, or scheme://path for a checkpoint on a remote filesystem."""
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint: str, uri: str, run_id: str) -> None:
     """From the newest checkpoint: the backbone exported as a torchvision state dict, the loss
     curves, and the attention maps of a few validation images (PNG), into MLflow and into
     <run_dir>/pictures when the run dir is local."""
@@ -207,11 +214,8 @@ def _log_final_artifacts(config: Config, checkpoint: str, uri: str, run_id: str)
     from gaelle_ray.train.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = checkpoint
-        if "://" in checkpoint:
-            ray.train.Checkpoint(checkpoint).to_directory(tmp + "/ckpt")
-            local = tmp + "/ckpt"
-        state, meta = load_checkpoint(local)
+        with ckpt.as_directory() as local:  # downloaded when remote
+            state, meta = load_checkpoint(local)
         model = build_model(config)
         load_state_strict(model, state["worker"]["model"], checkpoint)
         path = Path(tmp) / f"backbone_{config.model.arch}.pth"
