@@ -159,6 +159,19 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (per * valid).sum() / max(logits.shape[0], 1)
 
 
+def sgd_step(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], loss: torch.Tensor, grad_clip: float,
+             where: str) -> None:
+    """One optimiser step on `loss` (a scalar), gradient norm clipped at grad_clip (0 = off);
+    a non-finite loss is a FloatingPointError naming `where`."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} at {where}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     """base_lr * (1 + cos(pi * step / total_steps)) / 2: base_lr at step 0, -> 0 at the end."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
@@ -197,13 +210,7 @@ def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], 
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = masked_bce(forward(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at epoch {epoch}, iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
+            sgd_step(opt, params, loss, settings.grad_clip, f"{name}: epoch {epoch}, iteration {it}")
             loss_sum += float(loss.detach())
             n_steps += 1
             it += 1

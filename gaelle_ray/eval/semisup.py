@@ -32,6 +32,7 @@ from gaelle_ray.eval.checkpoints import load_backbone_info, pretraining_run_id_o
 from gaelle_ray.eval.features import EvalTransform, ShardImages, extract_features, make_loader
 from gaelle_ray.eval.linear import (
     ProbeResult, _check_classes, _scores, default_loader_workers, leakage_guard, log_eval_run, make_classifier, masked_bce,
+    sgd_step,
 )
 from gaelle_ray.eval.metrics import mean_average_precision
 
@@ -124,13 +125,7 @@ def _fit(model: nn.Module, backbone: nn.Module, clf: nn.Module, opt: torch.optim
         for images, labels, _ in make_loader(train_set, settings.batch_size, order=order, num_workers=loader_workers):
             logits = model(images.to(device, non_blocking=True))  # (B, C)
             loss = masked_bce(logits, labels.to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"semisup: non-finite loss {loss.item()} at epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
+            sgd_step(opt, params, loss, settings.grad_clip, f"semisup epoch {epoch}")
             loss_sum += float(loss.detach())
             n += 1
         model.eval()
