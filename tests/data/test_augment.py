@@ -284,3 +284,89 @@ def test_colour_augment_cuda_matches_cpu():
     gpu = ColourAugment(seed=0, device="cuda")(crops, params)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------- fast CPU path
+
+
+def _crops_uint8(n: int, h: int = 20, w: int = 28, seed: int = 0) -> torch.Tensor:
+    """(n, 3, h, w) uint8 with saturated, grey and tied pixels mixed in."""
+    return (_images(n, h, w, seed) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_apply_colour_cpu_equals_batched_path(seed):
+    """Same parameters, same function: within float32 rounding (<1e-4 normalised, i.e.
+    < 0.01 grey level), for uint8 and float inputs, every programme of ops represented."""
+    cfg = ColourConfig()
+    x = _crops_uint8(64, seed=seed)
+    params = _params(64, seed=seed)
+    assert len(set(map(tuple, params.order[params.jitter].tolist()))) > 15  # many orders
+    ref = A.apply_colour(x, params, cfg)
+    fast = A.apply_colour_cpu(x, params, cfg)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+    fast_float = A.apply_colour_cpu(x.float() / 255.0, params, cfg)
+    torch.testing.assert_close(fast_float, ref, atol=1e-4, rtol=0)
+    half = A.apply_colour_cpu(x, params, cfg, out_dtype=torch.float16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref, atol=3e-3, rtol=1e-3)
+
+
+def test_apply_colour_cpu_matches_torchvision_per_sample():
+    cfg = ColourConfig()
+    x = _crops_uint8(12, seed=4)
+    params = _params(12, seed=4)
+    fast = A.apply_colour_cpu(x, params, cfg)
+    for i in range(12):
+        ref = _naive(x[i].float() / 255.0, params, i, cfg)
+        torch.testing.assert_close(fast[i], ref, atol=1e-4, rtol=0)
+
+
+def test_apply_colour_cpu_edge_parameters():
+    """Extreme factors and hue shifts (both signs, wrap-around), every op forced on."""
+    n = 8
+    x = _crops_uint8(n, seed=5)
+    lo_hi = torch.tensor([0.0, 1.8, 0.2, 1.0, 1.8, 0.0, 0.5, 1.3])
+    params = ColourParams(jitter=torch.ones(n, dtype=torch.bool), brightness=lo_hi,
+                          contrast=lo_hi.flip(0), saturation=lo_hi.roll(3),
+                          hue=torch.tensor([-0.5, -0.2, -0.01, 0.0, 0.01, 0.2, 0.49, 0.5]),
+                          order=torch.stack([torch.randperm(4, generator=torch.Generator()
+                                                            .manual_seed(i)) for i in range(n)]),
+                          grayscale=torch.tensor([True, False] * 4),
+                          blur=torch.tensor([True, True, False, False] * 2),
+                          sigma=torch.linspace(0.1, 2.0, n))
+    torch.testing.assert_close(A.apply_colour_cpu(x, params), A.apply_colour(x, params),
+                               atol=1e-4, rtol=0)
+
+
+def test_apply_colour_cpu_gives_samples_different_parameters():
+    x = _crops_uint8(1).expand(16, -1, -1, -1)  # 16 copies of one crop
+    out = A.apply_colour_cpu(x, _params(16, seed=3))
+    flat = out.reshape(16, -1)
+    distinct = {tuple(row[:64].tolist()) for row in flat}
+    assert len(distinct) >= 14  # only samples with no jitter, grayscale or blur coincide
+
+
+def test_apply_colour_cpu_validates():
+    params = _params(2)
+    with pytest.raises(ValueError, match="parameter sets"):
+        A.apply_colour_cpu(_crops_uint8(3), params)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        A.apply_colour_cpu(torch.zeros(2, 4, 8, 8, dtype=torch.uint8), params)
+    with pytest.raises(ValueError, match="uint8 or floating"):
+        A.apply_colour_cpu(torch.zeros(2, 3, 8, 8, dtype=torch.int32), params)
+
+
+def test_colour_augment_backends_agree():
+    crops = _crops_uint8(6).view(2, 3, 3, 20, 28)
+    params = ColourAugment(seed=1).sample(6)
+    auto = ColourAugment(seed=0)(crops, params)
+    cpu = ColourAugment(seed=0, backend="cpu")(crops, params)
+    batched = ColourAugment(seed=0, backend="batched")(crops, params)
+    torch.testing.assert_close(auto, cpu, atol=0, rtol=0)
+    torch.testing.assert_close(auto, batched, atol=1e-4, rtol=0)
+    # bfloat16 compute keeps the batched path
+    low = ColourAugment(seed=0, compute_dtype=torch.bfloat16)
+    assert not low._cpu_path(crops)
+    with pytest.raises(ValueError, match="backend"):
+        ColourAugment(backend="pil")

@@ -347,3 +347,22 @@ def test_reference_pipeline_produces_normalised_crops(jpegs):
     crops = dataset[1]
     assert [tuple(c.shape) for c in crops] == [(3, 48, 48)] * 2 + [(3, 24, 24)] * 3
     assert all(c.dtype == torch.float32 and c.min() >= -2.2 and c.max() <= 2.7 for c in crops)
+
+
+def test_multicrop_batch_colour_on_cpu_is_the_batched_colour_of_its_crops(jpegs):
+    """colour_on_cpu runs the fast CPU colour path: the batched float32 ops on the same
+    uint8 crops with the same parameters agree within float16 output rounding."""
+    from gaelle_ray.data.augment import ColourAugment
+
+    rng_seed = 11
+    plain = multicrop_batch(_batch(jpegs[:3]), SMALL, np.random.default_rng(rng_seed))
+    coloured = multicrop_batch(_batch(jpegs[:3]), SMALL, np.random.default_rng(rng_seed),
+                               colour_on_cpu=True)
+    # the colour seed is the next draw of the crop rng (see multicrop_batch)
+    rng = np.random.default_rng(rng_seed)
+    multicrop_batch(_batch(jpegs[:3]), SMALL, rng)
+    reference = ColourAugment(seed=int(rng.integers(0, 2**63 - 1)), backend="batched")
+    for r in range(2):
+        ref = reference(torch.from_numpy(plain[f"crops_{r}"])).numpy()
+        got = coloured[f"crops_{r}"].astype(np.float32)
+        np.testing.assert_allclose(got, ref, atol=1e-2, rtol=2e-3)
