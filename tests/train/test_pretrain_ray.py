@@ -32,7 +32,7 @@ def _config(shards, run_dir, **extra):
     base = {"data.shards": shards, "train.run_dir": str(run_dir), "augmentation.size_crops": "[48, 24]",
             "model.hidden_mlp": 64, "model.feat_dim": 32, "model.nmb_prototypes": 20,
             "model.nmb_local_prototypes": 20, "train.batch_size_per_worker": 8, "train.num_workers": 2,
-            "train.epochs": 2, "train.log_every_steps": 4, "queue.queue_length": 32,
+            "train.epochs": 2, "train.log_every_steps": 4, "ray.num_cpus_per_worker": 1, "queue.queue_length": 32,
             "queue.epoch_queue_starts": 1, "optim.freeze_prototypes_niters": 4, "optim.warmup_epochs": 0,
             "tracking.experiment": "test"}
     base.update(extra)
