@@ -58,8 +58,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: i
           f"({seconds['data']:.0f}s)", flush=True)
 
     t0 = time.perf_counter()
-    print(f"[demo] pretraining {config.model.arch} for {config.train.epochs} epochs on "
-          f"{config.train.num_workers} Ray Train CPU workers...", flush=True)
+    workers = config.train.num_workers
+    print(f"[demo] pretraining {config.model.arch} for {config.train.epochs} epochs on {workers} Ray Train "
+          f"worker{'s' if workers != 1 else ''} of {config.ray.num_cpus_per_worker:g} CPU(s)...", flush=True)
     result = pretrain(config)
     seconds["pretrain"] = time.perf_counter() - t0
 
