@@ -53,7 +53,7 @@ def test_prototypes_normalised_before_every_step_and_frozen_at_first():
 
 
 def test_learning_rate_follows_the_schedule_per_iteration():
-    config = _config(**{"optim.warmup_epochs": 1, "optim.start_warmup": 0.01})
+    config = _config(**{"optim.warmup_epochs": 1, "optim.start_warmup": 0.01, "optim.base_lr": 0.3})
     st = _stepper(config, iters_per_epoch=2)
     lrs = [st.step(_crops(config, i), epoch=i // 2, total_epochs=3).lr for i in range(3)]
     assert lrs[0] == pytest.approx(0.01)
