@@ -62,6 +62,7 @@ class AugmentationConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.228, 0.224, 0.225)
     colour_on_device: bool = True  # colour ops on the training worker's device, else in the stream
+    compile_cpu_colour: bool = True  # colour ops on a CPU run as torch.compile'd kernels
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from gaelle_ray.data import augment as A
+from gaelle_ray.data import colour_cpu
 from gaelle_ray.data.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, ColourAugment,
                                      ColourConfig, ColourParams)
 
@@ -294,20 +295,21 @@ def _crops_uint8(n: int, h: int = 20, w: int = 28, seed: int = 0) -> torch.Tenso
     return (_images(n, h, w, seed) * 255).round().to(torch.uint8)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_apply_colour_cpu_equals_batched_path(seed):
+@pytest.mark.parametrize("seed,compiled", [(0, True), (1, True), (2, False)])
+def test_apply_colour_cpu_equals_batched_path(seed, compiled):
     """Same parameters, same function: within float32 rounding (<1e-4 normalised, i.e.
-    < 0.01 grey level), for uint8 and float inputs, every programme of ops represented."""
-    cfg = ColourConfig()
+    < 0.01 grey level), for uint8 and float inputs, every programme of ops represented;
+    with the torch.compile'd jitter kernels and with the eager ones."""
+    cfg = ColourConfig(compile_cpu=compiled)
     x = _crops_uint8(64, seed=seed)
     params = _params(64, seed=seed)
     assert len(set(map(tuple, params.order[params.jitter].tolist()))) > 15  # many orders
     ref = A.apply_colour(x, params, cfg)
-    fast = A.apply_colour_cpu(x, params, cfg)
+    fast = colour_cpu.apply_colour_cpu(x, params, cfg)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
-    fast_float = A.apply_colour_cpu(x.float() / 255.0, params, cfg)
+    fast_float = colour_cpu.apply_colour_cpu(x.float() / 255.0, params, cfg)
     torch.testing.assert_close(fast_float, ref, atol=1e-4, rtol=0)
-    half = A.apply_colour_cpu(x, params, cfg, out_dtype=torch.float16)
+    half = colour_cpu.apply_colour_cpu(x, params, cfg, out_dtype=torch.float16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), ref, atol=3e-3, rtol=1e-3)
 
@@ -316,7 +318,7 @@ def test_apply_colour_cpu_matches_torchvision_per_sample():
     cfg = ColourConfig()
     x = _crops_uint8(12, seed=4)
     params = _params(12, seed=4)
-    fast = A.apply_colour_cpu(x, params, cfg)
+    fast = colour_cpu.apply_colour_cpu(x, params, cfg)
     for i in range(12):
         ref = _naive(x[i].float() / 255.0, params, i, cfg)
         torch.testing.assert_close(fast[i], ref, atol=1e-4, rtol=0)
@@ -335,13 +337,55 @@ def test_apply_colour_cpu_edge_parameters():
                           grayscale=torch.tensor([True, False] * 4),
                           blur=torch.tensor([True, True, False, False] * 2),
                           sigma=torch.linspace(0.1, 2.0, n))
-    torch.testing.assert_close(A.apply_colour_cpu(x, params), A.apply_colour(x, params),
-                               atol=1e-4, rtol=0)
+    ref = A.apply_colour(x, params)
+    for compiled in (True, False):
+        out = colour_cpu.apply_colour_cpu(x, params, ColourConfig(compile_cpu=compiled))
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_compiled_jitter_kernels_are_used_and_match_the_eager_ops():
+    """Each compiled op alone equals its eager version on a chunk slice (a view, written in
+    place), for two crop sizes (dynamic shapes, no recompile needed)."""
+    from gaelle_ray.data.colour_cpu import _COMPILED_JITTER, _EAGER_JITTER, compiled_kernels_status
+
+    for h, w in ((20, 28), (33, 17)):
+        y = _crops_uint8(10, h, w, seed=6).float()
+        for op in (BRIGHTNESS, CONTRAST, SATURATION, HUE):
+            f = torch.rand(7, generator=torch.Generator().manual_seed(op)) * 1.6 + 0.2
+            f = (f - 1.0) / 2.0 if op == HUE else f  # hue shifts in [-0.4, 0.4] turns
+            f = f.view(-1, 1, 1) if op == HUE else f.view(-1, 1, 1, 1)
+            fast, slow = y.clone(), y.clone()
+            _COMPILED_JITTER[op](fast[2:9], f)
+            _EAGER_JITTER[op](slow[2:9], f)
+            torch.testing.assert_close(fast, slow, atol=2e-3, rtol=0)  # grey levels (0-255)
+            assert torch.equal(fast[:2], y[:2]) and torch.equal(fast[9:], y[9:])
+    assert set(compiled_kernels_status().values()) == {"compiled"}
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    from gaelle_ray.data import colour_cpu as C
+
+    def broken_compile(fn, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(C.torch, "compile", broken_compile)
+    op = C._CompiledOp("hue", C._fused_hue, C._hue_255)
+    y = _crops_uint8(4, seed=7).float()
+    shift = torch.tensor([0.1, -0.2, 0.3, 0.5]).view(-1, 1, 1)
+    ref = y.clone()
+    C._hue_255(ref, shift)
+    with caplog.at_level("WARNING", logger=C.__name__):
+        op(y, shift)
+    assert op.state == "eager: RuntimeError: no C++ compiler found"
+    assert "'hue' failed" in caplog.text and "no C++ compiler found" in caplog.text
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    op(y, shift)  # later calls stay eager without trying again
+    assert op.state.startswith("eager")
 
 
 def test_apply_colour_cpu_gives_samples_different_parameters():
     x = _crops_uint8(1).expand(16, -1, -1, -1)  # 16 copies of one crop
-    out = A.apply_colour_cpu(x, _params(16, seed=3))
+    out = colour_cpu.apply_colour_cpu(x, _params(16, seed=3))
     flat = out.reshape(16, -1)
     distinct = {tuple(row[:64].tolist()) for row in flat}
     assert len(distinct) >= 14  # only samples with no jitter, grayscale or blur coincide
@@ -350,11 +394,11 @@ def test_apply_colour_cpu_gives_samples_different_parameters():
 def test_apply_colour_cpu_validates():
     params = _params(2)
     with pytest.raises(ValueError, match="parameter sets"):
-        A.apply_colour_cpu(_crops_uint8(3), params)
+        colour_cpu.apply_colour_cpu(_crops_uint8(3), params)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        A.apply_colour_cpu(torch.zeros(2, 4, 8, 8, dtype=torch.uint8), params)
+        colour_cpu.apply_colour_cpu(torch.zeros(2, 4, 8, 8, dtype=torch.uint8), params)
     with pytest.raises(ValueError, match="uint8 or floating"):
-        A.apply_colour_cpu(torch.zeros(2, 3, 8, 8, dtype=torch.int32), params)
+        colour_cpu.apply_colour_cpu(torch.zeros(2, 3, 8, 8, dtype=torch.int32), params)
 
 
 def test_colour_augment_backends_agree():
