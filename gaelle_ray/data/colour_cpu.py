@@ -4,9 +4,12 @@ Same parameters and same function as the batched :func:`gaelle_ray.data.augment.
 (tested equal within float32 rounding); what differs is how the work is laid out for a CPU
 (see :func:`apply_colour_cpu`). The four jitter ops can run as ``torch.compile``'d kernels
 (``ColourConfig.compile_cpu``, on by default): each op is then one fused pass over the
-pixels instead of 2-25 eager passes, which makes the colour half ~1.5-2x faster on this CPU
-(docs/benchmarks.md). Compiling takes ~10-20 s per process the first time and ~3 s once
-torch's on-disk cache holds the kernels; it needs a C++ compiler. Where compiling fails
+pixels instead of 2-25 eager passes, which makes the whole colour half ~20% faster on the
+2-core development machine (3.8 against 4.8 ms per image of 2 x 224 + 6 x 96 crops;
+docs/benchmarks.md): the blur, gathering and conversions are left as they were. Compiling
+takes ~10-20 s per process the first time and ~5-7 s once torch's on-disk cache holds the
+kernels (up to 4 graphs per op: dynamic shapes, with 0/1-specialised batch size and
+storage offset); it needs a C++ compiler. Where compiling fails
 (no compiler, unsupported platform) the eager ops run instead, with one warning naming the
 reason: the result is the same, only slower.
 """
@@ -55,10 +58,10 @@ def _saturation_255(y: torch.Tensor, f: torch.Tensor) -> None:
 
 
 def _hue_255(y: torch.Tensor, shift: torch.Tensor) -> None:
-    """:func:`adjust_hue` without ``torch.where``/``remainder`` (slow on CPU), in place.
+    """``augment.adjust_hue`` without ``torch.where``/``remainder`` (slow on CPU), in place.
 
     The maximal channel is picked with float 0/1 masks and ``lerp`` (R wins ties, then G,
-    as in :func:`_rgb_to_vch6`); the hue is wrapped to [0, 6) with ``floor``. Works on any
+    as in ``augment._rgb_to_vch6``); the hue is wrapped to [0, 6) with ``floor``. Works on any
     value scale (here [0, 255]); shift: (n, 1, 1) in turns.
     """
     r, g, b = y.unbind(dim=1)  # each (n, H, W)
@@ -79,7 +82,7 @@ def _hue_255(y: torch.Tensor, shift: torch.Tensor) -> None:
 
 
 def _blur_channels_last(y: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """:func:`gaussian_blur` with the padded image in channels-last layout before the two
+    """``augment.gaussian_blur`` with the padded image in channels-last layout before the two
     depthwise convolutions (3-4x faster with oneDNN on CPU): same kernels and padding,
     except that taps below 1e-30 are set to 0 (denormals: no visible change, 5x faster)."""
     n, c, h, w = y.shape
@@ -140,8 +143,9 @@ def _fused_hue(y: torch.Tensor, shift: torch.Tensor) -> None:
 
 
 class _CompiledOp:
-    """One jitter op compiled on first use (dynamic shapes: one kernel for every crop size
-    and chunk length), falling back to its eager version when compiling fails."""
+    """One jitter op compiled on first use (dynamic shapes: any crop size and run length
+    without recompiling beyond torch's 0/1 specialisations), falling back to its eager
+    version, for good and with one warning, when the first compile fails."""
 
     def __init__(self, name: str, fused, eager) -> None:
         self.name, self.fused, self.eager = name, fused, eager
@@ -203,7 +207,7 @@ def _colour_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys
 
 def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | None = None,
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """:func:`~gaelle_ray.data.augment.apply_colour` restructured for one CPU core: same parameters, same function.
+    """``augment.apply_colour`` restructured for one CPU core: same parameters, same function.
 
     x: (N, 3, H, W) uint8 (or float in [0, 1]) on the CPU -> (N, 3, H, W) normalised
     ``out_dtype``. What differs from the batched path is only how the work is laid out:
@@ -216,7 +220,7 @@ def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | 
     - the arithmetic runs in float32 on the [0, 255] scale, in place (the division by 255
       is folded into the normalisation);
     - contrast takes the mean luma as the luma of the channel means (equal up to rounding);
-    - hue is :func:`adjust_hue`'s formula with 0/1 masks and ``lerp`` instead of
+    - hue is ``augment.adjust_hue``'s formula with 0/1 masks and ``lerp`` instead of
       ``torch.where`` and ``floor`` instead of ``remainder`` (several times cheaper on CPU);
     - the blur pads into a channels-last tensor before the same depthwise convolutions
       (3-4x faster with oneDNN on CPU) and zeroes kernel taps below 1e-30 (denormal
@@ -225,7 +229,7 @@ def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | 
       expressions of the same formulas, one fused pass each (see the module docstring for
       the compile cost and the eager fallback).
 
-    Tested equal to :func:`apply_colour` within float32 rounding (max abs difference
+    Tested equal to ``augment.apply_colour`` within float32 rounding (max abs difference
     < 1e-4 in normalised units, i.e. < 0.01 grey level) before the cast to ``out_dtype``.
     """
     cfg = ColourConfig() if cfg is None else cfg
