@@ -373,7 +373,7 @@ def part1(jpegs: list[bytes], spec: MultiCropSpec) -> list[str]:
     print(f"---- part 1: one process, {n} images per variant; images per CPU second (= per "
           "core, robust to other load) and per wall second")
     bench_decode(jpegs[:8])  # warm-up
-    # (b)'s first call compiles its colour kernels (once per process, ~10-20 s, ~3 s from
+    # (b)'s first call compiles its colour kernels (once per process, ~10-20 s, ~5-7 s from
     # torch's on-disk cache): a one-off cost, kept out of the steady-state figure
     t0 = time.perf_counter()
     bench_ours(jpegs[:32], spec, True, 32)

@@ -119,8 +119,7 @@ def _fused_brightness(y: torch.Tensor, f: torch.Tensor) -> None:
 
 
 def _fused_contrast(y: torch.Tensor, f: torch.Tensor) -> None:
-    means = y.mean(dim=(2, 3))  # (n, 3)
-    mean = (means[:, 0] * _LUMA[0] + means[:, 1] * _LUMA[1] + means[:, 2] * _LUMA[2]).view(-1, 1, 1, 1)
+    mean = _luma_255(y.mean(dim=(2, 3), keepdim=True))  # (n, 1, 1, 1): luma of channel means
     y.copy_((y * f + mean * (1.0 - f)).clamp(0.0, 255.0))
 
 

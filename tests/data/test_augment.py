@@ -345,7 +345,7 @@ def test_apply_colour_cpu_edge_parameters():
 
 def test_compiled_jitter_kernels_are_used_and_match_the_eager_ops():
     """Each compiled op alone equals its eager version on a chunk slice (a view, written in
-    place), for two crop sizes (dynamic shapes, no recompile needed)."""
+    place), for two crop sizes (one dynamic-shape compile per op serves both)."""
     from gaelle_ray.data.colour_cpu import _COMPILED_JITTER, _EAGER_JITTER, compiled_kernels_status
 
     for h, w in ((20, 28), (33, 17)):
