@@ -256,7 +256,8 @@ def test_truncated_jpeg_raises_decode_error(jpegs):
 
 
 def test_decode_options_validate():
-    for kwargs in (dict(backend="cv2"), dict(draft_min_ratio=-1.0), dict(reducing_gap=0.5)):
+    for kwargs in (dict(backend="cv2"), dict(draft_min_ratio=-1.0), dict(reducing_gap=0.5),
+                   dict(decoder="cv2")):
         with pytest.raises(ValueError, match="DecodeOptions"):
             DecodeOptions(**kwargs)
 
@@ -366,3 +367,58 @@ def test_multicrop_batch_colour_on_cpu_is_the_batched_colour_of_its_crops(jpegs)
         ref = reference(torch.from_numpy(plain[f"crops_{r}"])).numpy()
         got = coloured[f"crops_{r}"].astype(np.float32)
         np.testing.assert_allclose(got, ref, atol=1e-2, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------- the JPEG decoder
+
+
+def _encode(pixels: np.ndarray, mode: str = "RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,save", [("RGB", dict(quality=90)),
+                                       ("RGB", dict(quality=95, subsampling=0)),  # 4:4:4
+                                       ("RGB", dict(quality=85, subsampling=1)),  # 4:2:2
+                                       ("RGB", dict(quality=90, progressive=True)),
+                                       ("L", dict(quality=90))])
+def test_torchvision_decoder_gives_pils_pixels(mode, save):
+    """The default decoder (torchvision) and PIL's decode + RGB conversion agree pixel for
+    pixel, for odd sizes, chroma subsamplings, progressive and grayscale JPEGs."""
+    from gaelle_ray.data.crops import decode_jpeg_torchvision
+
+    data = _encode(_pixels(333, 217, seed=3), mode, **save)
+    got = decode_jpeg_torchvision(data)
+    assert got is not None and got.dtype == torch.uint8 and got.shape == (217, 333, 3)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(got.numpy(), ref)
+
+
+def test_both_decoders_give_the_same_crops(jpegs):
+    spec = MultiCropSpec(size_crops=[64, 24], nmb_crops=[2, 4], min_scale_crops=[0.14, 0.05],
+                         max_scale_crops=[1.0, 0.14])
+    for i, jpeg in enumerate(jpegs[:3] + [_jpeg(130, 90, mode="L")]):
+        tv = decode_and_crop(jpeg, spec, np.random.default_rng(i), DecodeOptions())
+        pil = decode_and_crop(jpeg, spec, np.random.default_rng(i), DecodeOptions(decoder="pil"))
+        for a, b in zip(tv, pil):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_records_torchvision_does_not_take_go_through_pil(monkeypatch):
+    """CMYK JPEGs and PNGs are decoded by PIL; so is a JPEG that torchvision refuses."""
+    from gaelle_ray.data import crops as C
+
+    cmyk = _encode(_pixels(90, 70), "CMYK", quality=90)
+    ref = np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB"))
+    crops = decode_and_crop(cmyk, SMALL, np.random.default_rng(0))
+    assert [c.shape for c in crops] == [(48, 48, 3)] * 2 + [(24, 24, 3)] * 3
+    assert ref.std() > 5  # a real image came out of PIL's CMYK conversion
+    calls = []
+    monkeypatch.setattr(C, "decode_jpeg_torchvision", lambda data: calls.append(1))  # refuses
+    jpeg = _jpeg(100, 80)
+    got = decode_and_crop(jpeg, SMALL, np.random.default_rng(1))
+    want = decode_and_crop(jpeg, SMALL, np.random.default_rng(1), DecodeOptions(decoder="pil"))
+    assert calls == [1]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
