@@ -87,13 +87,8 @@ def _blur_channels_last(y: torch.Tensor, sigma: torch.Tensor, kernel_size: int) 
     except that taps below 1e-30 are set to 0 (denormals: no visible change, 5x faster)."""
     n, c, h, w = y.shape
     pad = kernel_size // 2
-    if pad >= h or pad >= w:
-        raise ValueError(f"blur kernel of {kernel_size} taps needs images larger than "
-                         f"{pad} px for reflect padding, got {h}x{w}")
-    kernels = gaussian_kernels(sigma.to(torch.float32), kernel_size).to(y.dtype)
-    # taps below 1e-30 (e.g. exp(-200) at 6 px for sigma 0.3) are denormal or nearly so:
-    # they change nothing visible but make every multiply-add ~10x slower on x86
-    kernels = kernels.masked_fill(kernels < 1e-30, 0.0).repeat_interleave(c, dim=0)  # (n*c, k)
+    _check_blur_size(h, w, kernel_size)
+    kernels = _blur_kernels(sigma, kernel_size).to(y.dtype).repeat_interleave(c, dim=0)  # (n*c, k)
     z = F.pad(y, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
     z = z.contiguous(memory_format=torch.channels_last)
     z = F.conv2d(z, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)  # (1, n*c, h+2p, w)
@@ -105,29 +100,21 @@ _EAGER_JITTER = {BRIGHTNESS: _brightness_255, CONTRAST: _contrast_255,
                  SATURATION: _saturation_255, HUE: _hue_255}
 
 
-# -- the same four ops as single expressions, for torch.compile (one fused pass each) -----
-# y: (n, 3, H, W) float32 on the [0, 255] scale, written in place; f: (n, 1, 1, 1) factor,
-# shift: (n, 1, 1) in turns. Same formulas as the eager ops above.
+# -- the compiled path: one kernel call per group of samples ----------------------------
+# Samples are grouped by the step at which they shift the hue (0-3), or as "no jitter". In a
+# group every other step is a blend ``y * f + other * (1 - f)`` whose ``other`` each sample
+# picks by its op: 0 for brightness, its mean luma for contrast, its per-pixel luma for
+# saturation (the formulas of the eager ops, same rounding); so a group is one compiled
+# function of the whole programme (gather from the chunk, 4 steps, grayscale, normalisation,
+# scatter into the chunk) instead of one call per op and run of equal programmes.
 
 def _luma_255(y: torch.Tensor) -> torch.Tensor:
     """(n, 3, H, W) -> (n, 1, H, W)."""
     return (y[:, 0] * _LUMA[0] + y[:, 1] * _LUMA[1] + y[:, 2] * _LUMA[2]).unsqueeze(1)
 
 
-def _fused_brightness(y: torch.Tensor, f: torch.Tensor) -> None:
-    y.copy_((y * f).clamp(0.0, 255.0))
-
-
-def _fused_contrast(y: torch.Tensor, f: torch.Tensor) -> None:
-    mean = _luma_255(y.mean(dim=(2, 3), keepdim=True))  # (n, 1, 1, 1): luma of channel means
-    y.copy_((y * f + mean * (1.0 - f)).clamp(0.0, 255.0))
-
-
-def _fused_saturation(y: torch.Tensor, f: torch.Tensor) -> None:
-    y.copy_((y * f + _luma_255(y) * (1.0 - f)).clamp(0.0, 255.0))
-
-
-def _fused_hue(y: torch.Tensor, shift: torch.Tensor) -> None:
+def _hue_expr(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``_hue_255`` as one expression: y (n, 3, H, W), shift (n, 1, 1) -> new (n, 3, H, W)."""
     r, g, b = y[:, 0], y[:, 1], y[:, 2]  # each (n, H, W)
     value = torch.maximum(torch.maximum(r, g), b)
     chroma = value - torch.minimum(torch.minimum(r, g), b)
@@ -138,52 +125,189 @@ def _fused_hue(y: torch.Tensor, shift: torch.Tensor) -> None:
     red = value - chroma * (2.0 - (h6 - 3.0).abs()).clamp(0.0, 1.0)
     green = value - chroma * ((h6 - 2.0).abs() - 1.0).clamp(0.0, 1.0)
     blue = value - chroma * ((h6 - 4.0).abs() - 1.0).clamp(0.0, 1.0)
-    y.copy_(torch.stack((red, green, blue), dim=1))
+    return torch.stack((red, green, blue), dim=1)
 
 
-class _CompiledOp:
-    """One jitter op compiled on first use (dynamic shapes: any crop size and run length
-    without recompiling beyond torch's 0/1 specialisations), falling back to its eager
-    version, for good and with one warning, when the first compile fails."""
+def _group_programme(x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                     ops: torch.Tensor, factors: torch.Tensor, grey: torch.Tensor,
+                     scale: torch.Tensor, offset: torch.Tensor, hue_step: int) -> None:
+    """y[idx] = normalise(grayscale(jitter(x[rows]))) for samples whose hue shift is at step
+    ``hue_step`` (-1: samples without jitter).
 
-    def __init__(self, name: str, fused, eager) -> None:
-        self.name, self.fused, self.eager = name, fused, eager
+    x: (N, 3, H, W) uint8 (or float in [0, 1]); rows: (m,) int64 samples of x;
+    y: (n, 3, H, W) float32 chunk, written at idx: (m,) int64; ops: (m, 4) op at each step;
+    factors: (m, 4) float32 its factor (the shift in turns for hue); grey: (m,) bool;
+    scale, offset: (1, 3, 1, 1).
+    """
+    v = x[rows].to(torch.float32)  # (m, 3, H, W) on the [0, 255] scale
+    if not x.dtype == torch.uint8:
+        v = v * 255.0
+    if hue_step >= 0:
+        for step in range(4):
+            f = factors[:, step].view(-1, 1, 1, 1)
+            if step == hue_step:
+                v = _hue_expr(v, f.view(-1, 1, 1))
+                continue
+            op = ops[:, step].view(-1, 1, 1, 1)
+            luma = _luma_255(v)  # (m, 1, H, W)
+            mean = luma.mean(dim=(2, 3), keepdim=True)  # (m, 1, 1, 1)
+            other = torch.where(op == CONTRAST, mean, torch.where(op == SATURATION, luma, 0.0))
+            v = (v * f + other * (1.0 - f)).clamp(0.0, 255.0)  # brightness: other = 0
+    v = torch.where(grey.view(-1, 1, 1, 1), _luma_255(v).expand_as(v), v)
+    y[idx] = v * scale - offset
+
+
+# one function (code object) per group: torch.compile keeps a cache per code object
+def _group_no_jitter(x, rows, y, idx, ops, factors, grey, scale, offset) -> None:
+    _group_programme(x, rows, y, idx, ops, factors, grey, scale, offset, -1)
+
+
+def _group_hue_1st(x, rows, y, idx, ops, factors, grey, scale, offset) -> None:
+    _group_programme(x, rows, y, idx, ops, factors, grey, scale, offset, 0)
+
+
+def _group_hue_2nd(x, rows, y, idx, ops, factors, grey, scale, offset) -> None:
+    _group_programme(x, rows, y, idx, ops, factors, grey, scale, offset, 1)
+
+
+def _group_hue_3rd(x, rows, y, idx, ops, factors, grey, scale, offset) -> None:
+    _group_programme(x, rows, y, idx, ops, factors, grey, scale, offset, 2)
+
+
+def _group_hue_4th(x, rows, y, idx, ops, factors, grey, scale, offset) -> None:
+    _group_programme(x, rows, y, idx, ops, factors, grey, scale, offset, 3)
+
+
+def _blur_taps(z: torch.Tensor, kernels: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable blur of reflect-padded z (m, 3, H+2p, W+2p) with per-sample taps kernels
+    (m, k) -> (m, 3, H, W), contiguous: k shifted multiply-adds per axis."""
+    p = kernel_size // 2
+    h, w = z.shape[2] - 2 * p, z.shape[3] - 2 * p
+    taps = kernels.view(-1, 1, 1, 1, kernel_size)
+    rows = z[..., 0:w] * taps[..., 0]  # (m, 3, H+2p, W)
+    for i in range(1, kernel_size):
+        rows = rows + z[..., i:i + w] * taps[..., i]
+    out = rows[:, :, 0:h] * taps[..., 0]  # (m, 3, H, W)
+    for i in range(1, kernel_size):
+        out = out + rows[:, :, i:i + h] * taps[..., i]
+    return out
+
+
+def _NO_DUCK_SHAPES():
+    """Tracing without "duck" shapes: dims that happen to be equal at the first call (the
+    chunk and the batch, both 10) get separate symbols instead of a guard that recompiles
+    when they differ."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
+
+
+class _NotCompiled(RuntimeError):
+    """A kernel of the compiled path could not be compiled: run the eager path instead."""
+
+
+class _CompiledKernel:
+    """A function compiled on first use (dynamic shapes). If that first compile fails, the
+    kernel is marked eager for good (one warning naming the reason) and :class:`_NotCompiled`
+    is raised, so that the caller runs the eager path."""
+
+    def __init__(self, name: str, fn) -> None:
+        self.name, self.fn = name, fn
         self.kernel = None
         self.state = "not used yet"  # -> "compiled" or "eager: <reason>"
 
-    def __call__(self, y: torch.Tensor, f: torch.Tensor) -> None:
+    def __call__(self, *args):
         if self.state == "compiled":
-            self.kernel(y, f)
-            return
-        if self.state == "not used yet":
-            try:
-                self.kernel = torch.compile(self.fused, dynamic=True)
-                self.kernel(y, f)  # compiles here; the op is applied only if it succeeds
-            except Exception as exc:  # noqa: BLE001 (no C++ compiler, unsupported platform...)
-                self.state = f"eager: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                logger.warning("torch.compile of the CPU colour op %r failed, running it eagerly "
-                               "(same result, slower): %s", self.name, self.state[7:])
-            else:
-                self.state = "compiled"
-                return
-        self.eager(y, f)
+            with _NO_DUCK_SHAPES():
+                return self.kernel(*args)
+        if self.state != "not used yet":
+            raise _NotCompiled(self.state)
+        try:
+            self.kernel = torch.compile(self.fn, dynamic=True)
+            with _NO_DUCK_SHAPES():
+                result = self.kernel(*args)  # compiles here
+        except Exception as exc:  # noqa: BLE001 (no C++ compiler, unsupported platform...)
+            self.state = f"eager: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            logger.warning("torch.compile of the CPU colour kernel %r failed, the colour ops run "
+                           "eagerly from now on (same result, slower): %s", self.name,
+                           self.state[7:])
+            raise _NotCompiled(self.state) from exc
+        self.state = "compiled"
+        return result
 
 
-_COMPILED_JITTER = {BRIGHTNESS: _CompiledOp("brightness", _fused_brightness, _brightness_255),
-                    CONTRAST: _CompiledOp("contrast", _fused_contrast, _contrast_255),
-                    SATURATION: _CompiledOp("saturation", _fused_saturation, _saturation_255),
-                    HUE: _CompiledOp("hue", _fused_hue, _hue_255)}
+_GROUP_KERNELS = {-1: _CompiledKernel("no jitter", _group_no_jitter),
+                  0: _CompiledKernel("hue at step 1", _group_hue_1st),
+                  1: _CompiledKernel("hue at step 2", _group_hue_2nd),
+                  2: _CompiledKernel("hue at step 3", _group_hue_3rd),
+                  3: _CompiledKernel("hue at step 4", _group_hue_4th)}
+_BLUR_KERNEL = _CompiledKernel("blur", _blur_taps)
+_ALL_KERNELS = (*_GROUP_KERNELS.values(), _BLUR_KERNEL)
 
 
 def compiled_kernels_status() -> dict[str, str]:
-    """Per jitter op of this process: "not used yet", "compiled" or "eager: <why>"."""
-    return {op.name: op.state for op in _COMPILED_JITTER.values()}
+    """Per compiled kernel of this process: "not used yet", "compiled" or "eager: <why>"."""
+    return {k.name: k.state for k in _ALL_KERNELS}
 
 
-def _colour_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys: list[int],
-                  cfg: ColourConfig, scale: torch.Tensor, offset: torch.Tensor,
-                  jitter_ops: dict) -> torch.Tensor:
-    """Samples ``idx`` of x, sorted by jitter programme ``keys`` -> normalised float32."""
+def _compiled_path_usable() -> bool:
+    return not any(k.state.startswith("eager") for k in _ALL_KERNELS)
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    """(n,) bool -> (m,) int64 positions, never a view (torch.compile guards on a view's base,
+    so views and fresh tensors would get separate graphs) and never a single one (a lone
+    index is repeated, its values written twice: else a second graph specialised to m = 1)."""
+    idx = mask.nonzero().view(-1)
+    return idx.repeat(2) if idx.numel() == 1 else idx.clone()
+
+
+def _check_blur_size(h: int, w: int, kernel_size: int) -> None:
+    pad = kernel_size // 2
+    if pad >= h or pad >= w:
+        raise ValueError(f"blur kernel of {kernel_size} taps needs images larger than "
+                         f"{pad} px for reflect padding, got {h}x{w}")
+
+
+def _blur_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(m,) -> (m, k) float32 taps, those below 1e-30 set to 0 (denormals: no visible change,
+    but every multiply-add on them is ~10x slower on x86)."""
+    kernels = gaussian_kernels(sigma.to(torch.float32), kernel_size)
+    return kernels.masked_fill(kernels < 1e-30, 0.0)
+
+
+def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
+                    out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+    """The compiled path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W)."""
+    n, _, h, w = x.shape
+    ks = cfg.kernel_size
+    _check_blur_size(h, w, ks)
+    factors = torch.stack([params.factor(op) for op in range(4)], dim=1).to(torch.float32)
+    factors = factors.gather(1, params.order)  # (N, 4): the factor of the op at each step
+    hue_step = torch.where(params.jitter, (params.order == HUE).to(torch.int64).argmax(dim=1),
+                           torch.full((n,), -1, dtype=torch.int64))  # (N,) group of each sample
+    chunk = max(1, min(n, _CPU_CHUNK_PIXELS // (h * w)))
+    y = torch.empty((chunk, 3, h, w), dtype=torch.float32)  # the same shape every chunk
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        for step, kernel in _GROUP_KERNELS.items():
+            idx = _indices(hue_step[start:stop] == step)  # (m,)
+            if idx.numel():
+                rows = idx + start
+                kernel(x, rows, y, idx, params.order[rows], factors[rows],
+                       params.grayscale[rows], scale, offset)
+        out[start:stop].copy_(y[:stop - start])  # cast to the output dtype
+        blurred = params.blur[start:stop].nonzero().view(-1)  # (b,)
+        if blurred.numel():
+            idx = _indices(params.blur[start:stop])
+            z = F.pad(y.index_select(0, idx), (ks // 2,) * 4, mode="reflect")
+            smooth = _BLUR_KERNEL(z, _blur_kernels(params.sigma[idx + start], ks), ks)
+            for j, i in enumerate(blurred.tolist()):
+                out[start + i].copy_(smooth[j])
+
+
+def _eager_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys: list[int],
+                 cfg: ColourConfig, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Eager path: samples ``idx`` of x, sorted by jitter programme ``keys`` -> normalised
+    float32 (n, 3, H, W)."""
     y = x.index_select(0, idx).to(torch.float32)  # (n, 3, H, W) on the [0, 255] scale
     if x.dtype != torch.uint8:
         y.mul_(255.0)
@@ -195,7 +319,7 @@ def _colour_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys
             run, members = y[start:stop], idx[start:stop]  # a view: ops run in place
             for op in params.order[members[0]].tolist():
                 f = params.factor(op)[members].to(torch.float32)
-                jitter_ops[op](run, f.view(-1, 1, 1) if op == HUE else f.view(-1, 1, 1, 1))
+                _EAGER_JITTER[op](run, f.view(-1, 1, 1) if op == HUE else f.view(-1, 1, 1, 1))
         start = stop
     _apply_on_subset(y, params.grayscale[idx], rgb_to_grayscale)
     ks = cfg.kernel_size
@@ -204,29 +328,43 @@ def _colour_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys
     return y.mul_(scale).sub_(offset)
 
 
+def _apply_eager(x: torch.Tensor, params: ColourParams, cfg: ColourConfig, out: torch.Tensor,
+                 scale: torch.Tensor, offset: torch.Tensor) -> None:
+    """The eager path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W)."""
+    _, _, h, w = x.shape
+    keys = _order_keys(params)  # (N,)
+    order = torch.argsort(keys, stable=True)  # samples grouped by programme
+    sorted_keys = keys[order].tolist()
+    chunk = max(1, _CPU_CHUNK_PIXELS // (h * w))
+    for start in range(0, order.numel(), chunk):
+        idx = order[start:start + chunk]
+        y = _eager_chunk(x, params, idx, sorted_keys[start:start + chunk], cfg, scale, offset)
+        for j, i in enumerate(idx.tolist()):  # per-sample copies (with the cast): index_copy_
+            out[i].copy_(y[j])                 # is ~3x slower for float16 on CPU
+
+
 def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | None = None,
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``augment.apply_colour`` restructured for one CPU core: same parameters, same function.
 
     x: (N, 3, H, W) uint8 (or float in [0, 1]) on the CPU -> (N, 3, H, W) normalised
-    ``out_dtype``. What differs from the batched path is only how the work is laid out:
+    ``out_dtype``. What differs from the batched path is only how the work is laid out.
+    Both paths below work in chunks of ~2^19 pixels, in float32 on the [0, 255] scale (the
+    division by 255 is folded into the normalisation), take the contrast mean as the luma of
+    the channel means (equal up to rounding) and zero the blur's kernel taps below 1e-30
+    (denormal arithmetic is ~10x slower on x86; the float32 path pays it for sigma < ~0.5).
 
-    - samples are sorted by jitter programme (their op order; no jitter is a programme of
-      its own) and processed in chunks of ~2^19 pixels (working set near the L2 cache):
-      a chunk is gathered and converted once, each run of samples with the same programme
-      applies its ops in order on a slice (no masks, no scatter between ops), then the
-      chunk's grayscale and blur subsets, and it is normalised straight into the output;
-    - the arithmetic runs in float32 on the [0, 255] scale, in place (the division by 255
-      is folded into the normalisation);
-    - contrast takes the mean luma as the luma of the channel means (equal up to rounding);
-    - hue is ``augment.adjust_hue``'s formula with 0/1 masks and ``lerp`` instead of
+    - Compiled (``cfg.compile_cpu``, the default): per chunk, one ``torch.compile``'d call
+      per group of samples that shift the hue at the same step (or have no jitter), doing
+      the whole programme in fused passes (see ``_group_programme``), then one compiled
+      separable blur (k shifted multiply-adds per axis) of the chunk's blurred samples.
+    - Eager (``compile_cpu=False``, or after a failed compile): samples sorted by jitter
+      programme (op order; no jitter is a programme of its own); each run of samples with
+      the same programme applies its ops in order on a slice, in place; hue is
+      ``augment.adjust_hue``'s formula with 0/1 masks and ``lerp`` instead of
       ``torch.where`` and ``floor`` instead of ``remainder`` (several times cheaper on CPU);
-    - the blur pads into a channels-last tensor before the same depthwise convolutions
-      (3-4x faster with oneDNN on CPU) and zeroes kernel taps below 1e-30 (denormal
-      arithmetic is ~10x slower on x86; the float32 path pays it for sigma < ~0.5);
-    - with ``cfg.compile_cpu`` the four jitter ops are ``torch.compile``'d single
-      expressions of the same formulas, one fused pass each (see the module docstring for
-      the compile cost and the eager fallback).
+      the blur pads into a channels-last tensor before the depthwise convolutions (3-4x
+      faster with oneDNN than channels-first).
 
     Tested equal to ``augment.apply_colour`` within float32 rounding (max abs difference
     < 1e-4 in normalised units, i.e. < 0.01 grey level) before the cast to ``out_dtype``.
@@ -241,21 +379,17 @@ def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | 
     if x.dtype != torch.uint8 and not x.is_floating_point():
         raise ValueError(f"expected uint8 or floating point images, got {x.dtype}")
     params = params.to("cpu")
-    _, _, h, w = x.shape
     out = torch.empty(x.shape, dtype=out_dtype)
+    if x.shape[0] == 0:
+        return out
     std = torch.tensor(cfg.std, dtype=torch.float32)
-    scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    offset = (torch.tensor(cfg.mean, dtype=torch.float32) / std).view(1, 3, 1, 1)
-    jitter_ops = _COMPILED_JITTER if cfg.compile_cpu else _EAGER_JITTER
-    keys = _order_keys(params)  # (N,)
-    order = torch.argsort(keys, stable=True)  # samples grouped by programme
-    sorted_keys = keys[order].tolist()
-    chunk = max(1, _CPU_CHUNK_PIXELS // (h * w))
-    for start in range(0, order.numel(), chunk):
-        idx = order[start:start + chunk]
-        y = _colour_chunk(x, params, idx, sorted_keys[start:start + chunk], cfg, scale, offset,
-                          jitter_ops)
-        for j, i in enumerate(idx.tolist()):  # per-sample copies (with the cast): index_copy_
-            out[i].copy_(y[j])                 # is ~3x slower for float16 on CPU
+    scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).clone()  # (1, 3, 1, 1), not a view
+    offset = (torch.tensor(cfg.mean, dtype=torch.float32) / std).view(1, 3, 1, 1).clone()
+    if cfg.compile_cpu and _compiled_path_usable():
+        try:
+            _apply_compiled(x, params, cfg, out, scale, offset)
+            return out
+        except _NotCompiled:
+            pass  # warned once; the eager path below recomputes everything from x
+    _apply_eager(x, params, cfg, out, scale, offset)
     return out
-

@@ -343,22 +343,21 @@ def test_apply_colour_cpu_edge_parameters():
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-def test_compiled_jitter_kernels_are_used_and_match_the_eager_ops():
-    """Each compiled op alone equals its eager version on a chunk slice (a view, written in
-    place), for two crop sizes (one dynamic-shape compile per op serves both)."""
-    from gaelle_ray.data.colour_cpu import _COMPILED_JITTER, _EAGER_JITTER, compiled_kernels_status
+def test_compiled_kernels_are_used_and_match_the_eager_path():
+    """The compiled path (one kernel per hue-step group, a compiled blur) against the eager
+    one, at two crop sizes, with groups and blur subsets of one sample and a lone image."""
+    from gaelle_ray.data.colour_cpu import compiled_kernels_status
 
-    for h, w in ((20, 28), (33, 17)):
-        y = _crops_uint8(10, h, w, seed=6).float()
-        for op in (BRIGHTNESS, CONTRAST, SATURATION, HUE):
-            f = torch.rand(7, generator=torch.Generator().manual_seed(op)) * 1.6 + 0.2
-            f = (f - 1.0) / 2.0 if op == HUE else f  # hue shifts in [-0.4, 0.4] turns
-            f = f.view(-1, 1, 1) if op == HUE else f.view(-1, 1, 1, 1)
-            fast, slow = y.clone(), y.clone()
-            _COMPILED_JITTER[op](fast[2:9], f)
-            _EAGER_JITTER[op](slow[2:9], f)
-            torch.testing.assert_close(fast, slow, atol=2e-3, rtol=0)  # grey levels (0-255)
-            assert torch.equal(fast[:2], y[:2]) and torch.equal(fast[9:], y[9:])
+    for n, h, w, seed in ((40, 20, 28, 8), (9, 33, 17, 9), (1, 24, 24, 10), (3, 16, 16, 11)):
+        x = _crops_uint8(n, h, w, seed=seed)
+        params = _params(n, seed=seed)
+        if n == 3:  # one sample in each of three groups, one of them blurred
+            params.jitter[:] = torch.tensor([True, True, False])
+            params.order[:2] = torch.tensor([[3, 0, 1, 2], [0, 3, 2, 1]])
+            params.blur[:] = torch.tensor([False, True, False])
+        fast = colour_cpu.apply_colour_cpu(x, params, ColourConfig(compile_cpu=True))
+        slow = colour_cpu.apply_colour_cpu(x, params, ColourConfig(compile_cpu=False))
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
     assert set(compiled_kernels_status().values()) == {"compiled"}
 
 
@@ -368,19 +367,27 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     def broken_compile(fn, **kwargs):
         raise RuntimeError("no C++ compiler found\nmore lines")
 
+    # fresh kernels, so that this process's compiled ones are left alone
+    groups = {k: C._CompiledKernel(v.name, v.fn) for k, v in C._GROUP_KERNELS.items()}
+    blur = C._CompiledKernel("blur", C._blur_taps)
+    monkeypatch.setattr(C, "_GROUP_KERNELS", groups)
+    monkeypatch.setattr(C, "_BLUR_KERNEL", blur)
+    monkeypatch.setattr(C, "_ALL_KERNELS", (*groups.values(), blur))
     monkeypatch.setattr(C.torch, "compile", broken_compile)
-    op = C._CompiledOp("hue", C._fused_hue, C._hue_255)
-    y = _crops_uint8(4, seed=7).float()
-    shift = torch.tensor([0.1, -0.2, 0.3, 0.5]).view(-1, 1, 1)
-    ref = y.clone()
-    C._hue_255(ref, shift)
+    x = _crops_uint8(12, seed=7)
+    params = _params(12, seed=7)
+    ref = C.apply_colour_cpu(x, params, ColourConfig(compile_cpu=False))
     with caplog.at_level("WARNING", logger=C.__name__):
-        op(y, shift)
-    assert op.state == "eager: RuntimeError: no C++ compiler found"
-    assert "'hue' failed" in caplog.text and "no C++ compiler found" in caplog.text
-    torch.testing.assert_close(y, ref, atol=0, rtol=0)
-    op(y, shift)  # later calls stay eager without trying again
-    assert op.state.startswith("eager")
+        out = C.apply_colour_cpu(x, params, ColourConfig(compile_cpu=True))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    failed = [s for s in C.compiled_kernels_status().values() if s.startswith("eager")]
+    assert failed == ["eager: RuntimeError: no C++ compiler found"]  # the first one tried
+    assert caplog.text.count("failed") == 1 and "no C++ compiler found" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=C.__name__):  # later calls: eager, no new attempt
+        again = C.apply_colour_cpu(x, params, ColourConfig(compile_cpu=True))
+    torch.testing.assert_close(again, ref, atol=0, rtol=0)
+    assert "failed" not in caplog.text
 
 
 def test_apply_colour_cpu_gives_samples_different_parameters():
