@@ -11,16 +11,21 @@ re-executed every epoch:
 1. *Work items.* The rows of the split (``data.split`` of the shards at ``data.shards``, the
    first ``data.max_images`` of them when > 0, in manifest order) are cut into items of at
    most ``rows_per_item`` consecutive rows of one shard: ``(shard, start, stop)``.
-2. *Input.* ``ray.data.from_items`` holds one row ``{epoch, item}`` per item and epoch, one
-   row per block, epoch after epoch, the items of epoch ``e`` in a random order seeded by
+2. *Input.* ``ray.data.from_items`` holds one row ``{epoch, item}`` per item and epoch,
+   epoch after epoch, the items of epoch ``e`` in a random order seeded by
    ``(train.seed, e)``. Ray Data consumes input blocks in order, so items reach the crop
-   stage in epoch order (only the few tasks in flight can finish out of order). Building
-   the input costs ~1 ms per block on the driver (``ray.put``; measured for 20k blocks on
-   a 2-core machine: 1.1 ms, ~0.7 KB of object store and ~4.5 KB of driver memory each),
-   and the blocks live as long as the stream: 16 items x 4 epochs for the 2000-image demo,
-   but ~370k blocks (~7 min, ~270 MB + ~1.6 GB) for 400 COCO epochs at 128 rows per item.
-   For long runs build the stream for chunks of epochs (``start_epoch``/``num_epochs``)
-   or raise ``rows_per_item``.
+   stage in epoch order (only the tasks in flight can finish out of order). Each input
+   block costs the driver ~1 ms and a few KB for as long as the stream lives (``ray.put``
+   and metadata; 20k blocks measured on a 2-core machine: 1.1 ms, ~0.7 KB of object store
+   and ~4.5 KB of driver memory each), so the rows go into at most
+   :data:`MAX_INPUT_BLOCKS` (8192) blocks of consecutive rows: one item per block, i.e. one
+   crop task per item, up to 8192 item-epochs (the 2000-image demo has 320); beyond that
+   ``ceil(rows / 8192)`` items per block and task (400 COCO epochs at 128 rows per item:
+   370k item-epochs in 8192 blocks of 45-46 items, instead of 370k blocks, ~7 min and
+   ~1.9 GB of driver memory). A task works through its items one after the other and its
+   output leaves it in blocks as it goes, so only the window of items in flight (tasks
+   running x items per task) can arrive out of order; with many items per task that window
+   can span an epoch boundary or two (each image is still used once per stream-epoch).
 3. *Crop stage.* ``map_batches(crop_items, batch_size=1, num_cpus=data.crop_cpus)``: each
    task (one per item) reads its rows from the Parquet shard with pyarrow (through
    ``pyarrow.fs``, so local paths, ``s3://`` and ``gs://`` all work; only the row groups
@@ -108,6 +113,7 @@ from gaelle_ray.data.shards import read_manifest
 
 __all__ = [
     "DEFAULT_ROWS_PER_ITEM",
+    "MAX_INPUT_BLOCKS",
     "StreamBatch",
     "StreamExhaustedError",
     "StreamPlan",
@@ -120,6 +126,7 @@ __all__ = [
     "crop_items",
     "epoch_batches",
     "epoch_item_order",
+    "input_blocks",
     "multicrop_spec",
     "plan_items",
     "read_rows",
@@ -131,6 +138,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROWS_PER_ITEM = 128  # rows per work item: the shards' default row group size
+MAX_INPUT_BLOCKS = 8192  # input blocks of a stream (~1 ms and a few KB of driver each)
 
 # Domain tags mixed into the seeds so that the three random streams never coincide.
 _TAG_ORDER, _TAG_ROWS, _TAG_CROP = 0x0D3E, 0x5A0F, 0xC409
@@ -310,6 +318,13 @@ class StreamPlan:
 # ----------------------------------------------------------------------------- stream tasks
 
 
+def input_blocks(num_rows: int) -> int:
+    """Blocks (= crop tasks) for ``num_rows`` input rows: one row each, at most
+    :data:`MAX_INPUT_BLOCKS` (then consecutive rows share a block, ``from_items`` splits
+    them into near-equal runs)."""
+    return max(1, min(num_rows, MAX_INPUT_BLOCKS))
+
+
 def work_item_rows(plan: StreamPlan, epochs: Sequence[int]) -> list[dict[str, int]]:
     """The stream's input rows ``{"epoch", "item"}``: every epoch's items in its random order."""
     return [{"epoch": int(e), "item": int(i)}
@@ -479,9 +494,9 @@ def build_pretrain_stream(config, start_epoch: int = 0, num_epochs: int | None =
                 len(plan.shards), epochs.start, epochs.stop - 1,
                 "on the device" if plan.colour is None else "in the stream")
     rows = work_item_rows(plan, epochs)
-    # One work item per block = one crop task per item; the blocks are consumed in this
-    # order (epoch after epoch), and only the few tasks in flight can finish out of order.
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # One block of consecutive input rows = one crop task; the blocks are consumed in this
+    # order (epoch after epoch), and only the tasks in flight can finish out of order.
+    ds = ray.data.from_items(rows, override_num_blocks=input_blocks(len(rows)))
     parallel = config.data.read_parallelism
     return ds.map_batches(crop_items, batch_size=1, batch_format="numpy",
                           fn_kwargs={"plan": plan}, num_cpus=config.data.crop_cpus,

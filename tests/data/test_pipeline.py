@@ -266,3 +266,35 @@ def test_corrupt_record_is_skipped_and_counted_with_colour_in_the_stream(ray_loc
         assert crops.dtype == np.float16 and np.isfinite(crops).all()
         assert lo <= float(crops.min()) and float(crops.max()) <= hi
         assert crops.min() < 0 < crops.max()
+
+
+def test_input_blocks_are_capped():
+    assert pipeline.input_blocks(0) == 1
+    assert pipeline.input_blocks(320) == 320  # the demo: one item per block and task
+    assert pipeline.input_blocks(400 * 925) == pipeline.MAX_INPUT_BLOCKS  # 400 COCO epochs
+
+
+def test_stream_with_several_items_per_input_block_has_the_same_rows(
+        ray_local, shards_dir, stream_rows, monkeypatch):
+    """With the input capped at 3 blocks (several items per crop task) the stream holds the
+    same (epoch, image) rows with the same crops as with one item per block."""
+    blocks = []
+    from_items = ray.data.from_items
+
+    def spy(rows, **kwargs):
+        blocks.append(kwargs["override_num_blocks"])
+        return from_items(rows, **kwargs)
+
+    monkeypatch.setattr(pipeline, "MAX_INPUT_BLOCKS", 3)
+    monkeypatch.setattr(ray.data, "from_items", spy)
+    grouped = _collect(pipeline.build_pretrain_stream(_config(shards_dir),
+                                                      rows_per_item=ROWS_PER_ITEM))
+    assert blocks == [3]
+    key = lambda rows: {(int(e), int(i)): k for k, (e, i) in  # noqa: E731
+                        enumerate(zip(rows["epoch"], rows["image_id"]))}
+    ref, got = key(stream_rows), key(grouped)
+    assert sorted(ref) == sorted(got) and len(got) == 2 * N_IMAGES
+    for pair, k in ref.items():
+        for r in range(len(SIZES)):
+            np.testing.assert_array_equal(stream_rows[f"crops_{r}"][k],
+                                          grouped[f"crops_{r}"][got[pair]])
