@@ -82,7 +82,7 @@ class ColourConfig:
     blur_kernel_size: int | None = None
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
-    compile_cpu: bool = True  # the CPU path's jitter ops as torch.compile'd kernels (colour_cpu)
+    compile_cpu: bool = True  # the CPU path (colour_cpu) as torch.compile'd kernels
 
     @classmethod
     def from_config(cls, config) -> "ColourConfig":

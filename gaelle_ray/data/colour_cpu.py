@@ -2,16 +2,17 @@
 
 Same parameters and same function as the batched :func:`gaelle_ray.data.augment.apply_colour`
 (tested equal within float32 rounding); what differs is how the work is laid out for a CPU
-(see :func:`apply_colour_cpu`). The four jitter ops can run as ``torch.compile``'d kernels
-(``ColourConfig.compile_cpu``, on by default): each op is then one fused pass over the
-pixels instead of 2-25 eager passes, which makes the whole colour half ~20% faster on the
-2-core development machine (3.8 against 4.8 ms per image of 2 x 224 + 6 x 96 crops;
-docs/benchmarks.md): the blur, gathering and conversions are left as they were. Compiling
-takes ~10-20 s per process the first time and ~5-7 s once torch's on-disk cache holds the
-kernels (up to 4 graphs per op: dynamic shapes, with 0/1-specialised batch size and
-storage offset); it needs a C++ compiler. Where compiling fails
-(no compiler, unsupported platform) the eager ops run instead, with one warning naming the
-reason: the result is the same, only slower.
+(see :func:`apply_colour_cpu`). By default (``ColourConfig.compile_cpu``) it runs as six
+``torch.compile``'d kernels: one per group of crops that shift the hue at the same step of
+their random jitter order (or have no jitter), each doing the whole programme (gather, four
+jitter steps, grayscale, normalisation, scatter) in fused passes, and a separable blur. On
+the 2-core development machine that is 2.4-2.5 ms per image of 2 x 224 + 6 x 96 crops
+against 4.2-4.5 ms for the eager ops (docs/benchmarks.md). Compiling costs each process
+~50 s with an empty torch cache and ~10 s once torch's on-disk cache holds the kernels (one
+graph per kernel and input dtype: index tensors are never views or single, and shapes are
+traced without duck sizing, so no recompiles); it needs a C++ compiler. Where compiling
+fails (no compiler, unsupported platform) the eager ops run instead, with one warning
+naming the reason: the result is the same, only slower.
 """
 
 from __future__ import annotations
