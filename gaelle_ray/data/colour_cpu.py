@@ -280,7 +280,6 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
     """The compiled path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W)."""
     n, _, h, w = x.shape
     ks = cfg.kernel_size
-    _check_blur_size(h, w, ks)
     factors = torch.stack([params.factor(op) for op in range(4)], dim=1).to(torch.float32)
     factors = factors.gather(1, params.order)  # (N, 4): the factor of the op at each step
     hue_step = torch.where(params.jitter, (params.order == HUE).to(torch.int64).argmax(dim=1),
@@ -298,6 +297,7 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
         out[start:stop].copy_(y[:stop - start])  # cast to the output dtype
         blurred = params.blur[start:stop].nonzero().view(-1)  # (b,)
         if blurred.numel():
+            _check_blur_size(h, w, ks)
             idx = _indices(params.blur[start:stop])
             z = F.pad(y.index_select(0, idx), (ks // 2,) * 4, mode="reflect")
             smooth = _BLUR_KERNEL(z, _blur_kernels(params.sigma[idx + start], ks), ks)

@@ -390,6 +390,21 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     assert "failed" not in caplog.text
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_apply_colour_cpu_small_crops_fail_only_when_blurred(compiled):
+    """Crops smaller than the blur's reflect padding: an error naming it if one is blurred,
+    the normal result otherwise (both CPU paths)."""
+    x = _crops_uint8(4, 6, 30, seed=12)
+    params = _params(4, seed=12)
+    cfg = ColourConfig(compile_cpu=compiled)
+    params.blur[:] = False
+    torch.testing.assert_close(colour_cpu.apply_colour_cpu(x, params, cfg),
+                               A.apply_colour(x, params, cfg), atol=1e-4, rtol=0)
+    params.blur[2] = True
+    with pytest.raises(ValueError, match="reflect padding"):
+        colour_cpu.apply_colour_cpu(x, params, cfg)
+
+
 def test_apply_colour_cpu_gives_samples_different_parameters():
     x = _crops_uint8(1).expand(16, -1, -1, -1)  # 16 copies of one crop
     out = colour_cpu.apply_colour_cpu(x, _params(16, seed=3))
