@@ -9,9 +9,9 @@ Per image the JPEG is decoded once (``torchvision.io.decode_jpeg`` straight into
 (H, W, 3) tensor by default, PIL otherwise; pixel-identical, see :class:`DecodeOptions`). All
 crop boxes are drawn first (torchvision ``RandomResizedCrop.get_params`` semantics on a numpy
 ``Generator``), then every crop is cut and resized with antialiased bilinear interpolation
-(torch's uint8 kernel by default, or PIL). Optionally (off by default) a JPEG whose crops are all much larger
-than their output size is decoded at a reduced scale (libjpeg DCT scaling, ``Image.draft``),
-which is much cheaper for large photos but not bit-identical.
+(torch's uint8 kernel by default, or PIL). Optionally (off by default) a JPEG whose crops are
+all much larger than their output size is decoded at a reduced scale (libjpeg DCT scaling,
+``Image.draft``), which is much cheaper for large photos but not bit-identical.
 """
 
 from __future__ import annotations
@@ -245,9 +245,10 @@ class DecodeOptions:
     """How crops are decoded and resized (speed knobs; the sampled crops do not change).
 
     decoder: ``"torchvision"`` (default) decodes JPEGs with ``torchvision.io.decode_jpeg``
-      (libjpeg-turbo) straight into an (H, W, 3) uint8 tensor: 1.55 ms for a 640x480 photo
-      on one core here, against 2.2 ms for PIL's decode plus 0.2 ms to copy its pixels out
-      (PIL stores RGB as 4 bytes per pixel); the pixels are identical to PIL's (tested).
+      (libjpeg-turbo) straight into an (H, W, 3) uint8 tensor: 1.55-1.7 ms for a 640x480
+      photo on one core here, against 1.9-2.2 ms for PIL's decode plus 0.2 ms to copy its
+      pixels out (PIL stores RGB as 4 bytes per pixel); the pixels are identical to PIL's
+      (tested).
       Used with the torch backend for JPEGs whose PIL mode is RGB or L and that are decoded
       at full scale; everything else (PNG, CMYK, ``draft_min_ratio`` reductions, any record
       torchvision refuses) goes through PIL, which also decides what is undecodable.
