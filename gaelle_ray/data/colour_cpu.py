@@ -277,7 +277,13 @@ def _blur_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
                     out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
-    """The compiled path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W)."""
+    """The compiled path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W).
+
+    The blur runs on the normalised chunk: it is linear per channel, its taps sum to 1 and
+    reflect padding keeps constants, so blurring before or after the per-channel affine
+    normalisation is the same function (up to float32 rounding, tested against the
+    batched path, which blurs first).
+    """
     n, _, h, w = x.shape
     ks = cfg.kernel_size
     factors = torch.stack([params.factor(op) for op in range(4)], dim=1).to(torch.float32)
