@@ -19,7 +19,9 @@ other work on the machine) and per wall second:
   (c) ours, the CPU part only (the colour half is left to the training device);
   (d) JPEG decode alone: PIL to RGB, and (d') torchvision.io.decode_jpeg, the decoder
       (b) and (c) use; d'/a is the ceiling for them.
-The variants take turns for ``--reps`` rounds and each reports its median round.
+The variants take turns for ``--reps`` rounds and each reports its median round. Then the
+colour half alone on (c)'s crops of 32 images: the compiled CPU path, its eager ops and the
+batched float32 ops, ms per image.
 Part 2, Ray Data, (c)'s work through ``build_pretrain_stream`` on a local Ray instance with
 2 CPUs, a single consumer reading ``epoch_batches``:
   - steady-state images/s over the middle epochs (1 .. ``--epochs`` - 2: no start-up, no
@@ -408,7 +410,7 @@ def part1(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> list[str]:
     print(f"---- part 1: one process, {n} images per variant; images per CPU second (= per "
           "core, robust to other load) and per wall second")
     bench_decode(jpegs[:8])  # warm-up
-    # (b)'s first call compiles its colour kernels (once per process, ~10-20 s, ~5-7 s from
+    # (b)'s first call compiles its colour kernels (once per process, ~50 s, ~10 s from
     # torch's on-disk cache): a one-off cost, kept out of the steady-state figure
     t0 = time.perf_counter()
     bench_ours(jpegs[:32], spec, True, 32)
@@ -437,10 +439,36 @@ def part1(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> list[str]:
     wall, _ = timed(bench_reference, jpegs, spec, 1, 32)
     print(f"{'(a) reference, DataLoader num_workers=1':41s} {'':19s}{wall:7.1f} img/s wall "
           f"(1 worker process)  [{_load()}]")
+    colour_half(jpegs[:32], spec, reps)
     a, b, c, d = (per_cpu[k] for k in ("(a)", "(b)", "(c)", "(d')"))
     return [f"b/a = {b / a:5.2f}x  (target >= {TARGETS['b/a']:.0f}x: {_verdict(b / a >= TARGETS['b/a'])})",
             f"c/a = {c / a:5.2f}x  (target >= {TARGETS['c/a']:.0f}x: {_verdict(c / a >= TARGETS['c/a'])})",
             f"d'/a = {d / a:5.2f}x  (our decoder alone: the ceiling for (b) and (c))"]
+
+
+def colour_half(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> None:
+    """The colour half alone on (c)'s crops of ``jpegs``: ms per image (CPU time, median of
+    ``reps`` interleaved rounds) of the compiled CPU path, its eager ops and the batched
+    float32 ops, same parameters, float16 output as in the stream."""
+    from gaelle_ray.data.augment import ColourAugment, ColourConfig
+
+    out = multicrop_batch({"jpeg": jpegs}, spec, np.random.default_rng(1))
+    crops = [torch.from_numpy(out[f"crops_{r}"]) for r in range(len(spec.size_crops))]
+    params = [ColourAugment(seed=r).sample(x.shape[0] * x.shape[1]) for r, x in enumerate(crops)]
+    paths = {"compiled": ColourAugment(ColourConfig(), out_dtype=torch.float16),
+             "eager": ColourAugment(ColourConfig(compile_cpu=False), out_dtype=torch.float16),
+             "batched": ColourAugment(out_dtype=torch.float16, backend="batched")}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(reps):
+        for name, augment in paths.items():
+            c0 = time.process_time()
+            for x, p in zip(crops, params):
+                augment(x, p)
+            times[name].append((time.process_time() - c0) / len(jpegs) * 1e3)
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    print(f"colour half alone ({len(jpegs)} images of (c)'s crops, ms per image, median of "
+          f"{reps}): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+          + f"; eager / compiled = {ms['eager'] / ms['compiled']:.2f}x")
 
 
 def part2(root: Path, jpegs: list[bytes], args) -> list[str]:

@@ -6,8 +6,8 @@ Same parameters and same function as the batched :func:`gaelle_ray.data.augment.
 ``torch.compile``'d kernels: one per group of crops that shift the hue at the same step of
 their random jitter order (or have no jitter), each doing the whole programme (gather, four
 jitter steps, grayscale, normalisation, scatter) in fused passes, and a separable blur. On
-the 2-core development machine that is 2.4-2.5 ms per image of 2 x 224 + 6 x 96 crops
-against 4.2-4.5 ms for the eager ops (docs/benchmarks.md). Compiling costs each process
+the 2-core development machine that is 2.4-2.6 ms per image of 2 x 224 + 6 x 96 crops
+against 4.2-4.4 ms for the eager ops (docs/benchmarks.md). Compiling costs each process
 ~50 s with an empty torch cache and ~10 s once torch's on-disk cache holds the kernels (one
 graph per kernel and input dtype: index tensors are never views or single, and shapes are
 traced without duck sizing, so no recompiles); it needs a C++ compiler. Where compiling
