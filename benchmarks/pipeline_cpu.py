@@ -1,7 +1,7 @@
 """Multi-crop input pipeline on this CPU: the reference per-crop PIL pipeline against ours,
 then our function through the Ray Data stream against a plain loop on the same cores.
 
-    python benchmarks/pipeline_cpu.py                      # everything, ~3-4 min on 2 cores
+    python benchmarks/pipeline_cpu.py                      # everything, ~3 min on 2 cores
     python benchmarks/pipeline_cpu.py --skip-ray           # single-process part only
     python benchmarks/pipeline_cpu.py --images 1000        # Ray part with the 1k stream only
 
@@ -15,7 +15,7 @@ other work on the machine) and per wall second:
   (a) the reference (benchmarks/pipeline_reference.py) in a torch DataLoader, num_workers
       0 (and 1, wall clock only: the work happens in the worker process);
   (b) ours, every augmentation on the CPU (``multicrop_batch(colour_on_cpu=True)``, the
-      jitter ops as torch.compile'd kernels, compiled in a warm-up call first);
+      colour ops as torch.compile'd kernels, compiled in a warm-up call first);
   (c) ours, the CPU part only (the colour half is left to the training device);
   (d) JPEG decode alone: PIL to RGB, and (d') torchvision.io.decode_jpeg, the decoder
       (b) and (c) use; d'/a is the ceiling for them.
