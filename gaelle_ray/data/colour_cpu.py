@@ -194,7 +194,7 @@ def _blur_taps(z: torch.Tensor, kernels: torch.Tensor, kernel_size: int) -> torc
     return out
 
 
-def _NO_DUCK_SHAPES():
+def _no_duck_shapes():
     """Tracing without "duck" shapes: dims that happen to be equal at the first call (the
     chunk and the batch, both 10) get separate symbols instead of a guard that recompiles
     when they differ."""
@@ -217,13 +217,13 @@ class _CompiledKernel:
 
     def __call__(self, *args):
         if self.state == "compiled":
-            with _NO_DUCK_SHAPES():
+            with _no_duck_shapes():
                 return self.kernel(*args)
         if self.state != "not used yet":
             raise _NotCompiled(self.state)
         try:
             self.kernel = torch.compile(self.fn, dynamic=True)
-            with _NO_DUCK_SHAPES():
+            with _no_duck_shapes():
                 result = self.kernel(*args)  # compiles here
         except Exception as exc:  # noqa: BLE001 (no C++ compiler, unsupported platform...)
             self.state = f"eager: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -253,11 +253,11 @@ def _compiled_path_usable() -> bool:
     return not any(k.state.startswith("eager") for k in _ALL_KERNELS)
 
 
-def _indices(mask: torch.Tensor) -> torch.Tensor:
-    """(n,) bool -> (m,) int64 positions, never a view (torch.compile guards on a view's base,
-    so views and fresh tensors would get separate graphs) and never a single one (a lone
-    index is repeated, its values written twice: else a second graph specialised to m = 1)."""
-    idx = mask.nonzero().view(-1)
+def _kernel_indices(idx: torch.Tensor) -> torch.Tensor:
+    """(m,) int64 positions for a compiled kernel: never a view (torch.compile guards on a
+    view's base, so views and fresh tensors would get separate graphs) and never a single
+    one (a lone index is repeated, its values written twice: else a second graph
+    specialised to m = 1)."""
     return idx.repeat(2) if idx.numel() == 1 else idx.clone()
 
 
@@ -295,7 +295,7 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         for step, kernel in _GROUP_KERNELS.items():
-            idx = _indices(hue_step[start:stop] == step)  # (m,)
+            idx = _kernel_indices((hue_step[start:stop] == step).nonzero().view(-1))  # (m,)
             if idx.numel():
                 rows = idx + start
                 kernel(x, rows, y, idx, params.order[rows], factors[rows],
@@ -304,7 +304,7 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
         blurred = params.blur[start:stop].nonzero().view(-1)  # (b,)
         if blurred.numel():
             _check_blur_size(h, w, ks)
-            idx = _indices(params.blur[start:stop])
+            idx = _kernel_indices(blurred)
             z = F.pad(y.index_select(0, idx), (ks // 2,) * 4, mode="reflect")
             smooth = _BLUR_KERNEL(z, _blur_kernels(params.sigma[idx + start], ks), ks)
             for j, i in enumerate(blurred.tolist()):

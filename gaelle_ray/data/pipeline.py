@@ -27,7 +27,7 @@ re-executed every epoch:
    running x items per task) can arrive out of order; with many items per task that window
    can span an epoch boundary or two (each image is still used once per stream-epoch).
 3. *Crop stage.* ``map_batches(crop_items, batch_size=1, num_cpus=data.crop_cpus)``: each
-   task (one per item) reads its rows from the Parquet shard with pyarrow (through
+   task (one per input block) reads each item's rows from the Parquet shard with pyarrow (through
    ``pyarrow.fs``, so local paths, ``s3://`` and ``gs://`` all work; only the row groups
    that hold the rows are read), shuffles them with an rng seeded by
    ``(seed, epoch, shard, start)``, decodes and crops every image with an rng seeded by

@@ -406,19 +406,25 @@ def test_both_decoders_give_the_same_crops(jpegs):
 
 
 def test_records_torchvision_does_not_take_go_through_pil(monkeypatch):
-    """CMYK JPEGs and PNGs are decoded by PIL; so is a JPEG that torchvision refuses."""
+    """CMYK JPEGs are never handed to torchvision (PNGs: see
+    test_grayscale_and_png_records_decode_to_rgb); a JPEG that torchvision refuses is
+    decoded by PIL, with the same crops."""
     from gaelle_ray.data import crops as C
 
+    calls = []
+    real = C.decode_jpeg_torchvision
+    monkeypatch.setattr(C, "decode_jpeg_torchvision",
+                        lambda data: calls.append(len(data)) or real(data))
     cmyk = _encode(_pixels(90, 70), "CMYK", quality=90)
-    ref = np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB"))
     crops = decode_and_crop(cmyk, SMALL, np.random.default_rng(0))
     assert [c.shape for c in crops] == [(48, 48, 3)] * 2 + [(24, 24, 3)] * 3
-    assert ref.std() > 5  # a real image came out of PIL's CMYK conversion
-    calls = []
-    monkeypatch.setattr(C, "decode_jpeg_torchvision", lambda data: calls.append(1))  # refuses
+    assert calls == [] and max(c.std() for c in crops) > 5  # PIL's CMYK conversion, real data
     jpeg = _jpeg(100, 80)
+    decode_and_crop(jpeg, SMALL, np.random.default_rng(1))
+    assert calls == [len(jpeg)]  # an RGB JPEG does go to torchvision
+    monkeypatch.setattr(C, "decode_jpeg_torchvision", lambda data: calls.append(0))  # refuses
     got = decode_and_crop(jpeg, SMALL, np.random.default_rng(1))
     want = decode_and_crop(jpeg, SMALL, np.random.default_rng(1), DecodeOptions(decoder="pil"))
-    assert calls == [1]
+    assert calls == [len(jpeg), 0]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
