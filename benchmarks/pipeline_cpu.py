@@ -491,8 +491,9 @@ def part2(root: Path, jpegs: list[bytes], args) -> list[str]:
     # throughput and per-epoch start-up: the first size, no memory sampling
     first = stream(args.images[0], args.epochs, False)
     waits = ", ".join(f"epoch {e}: {w:.2f}s" for e, w in sorted(first["first_waits"].items()))
-    print(f"stream {args.images[0]} images x {args.epochs} epochs: steady (epochs 1-"
-          f"{args.epochs - 2}) {first['steady']:.1f} img/s ({first['per_cpu']:.1f} img/CPU-s of "
+    window = f"epochs 1-{args.epochs - 2}" if args.epochs >= 3 else "from the first batch"
+    print(f"stream {args.images[0]} images x {args.epochs} epochs: steady ({window}) "
+          f"{first['steady']:.1f} img/s ({first['per_cpu']:.1f} img/CPU-s of "
           f"the whole session); from the first batch to the end {first['after_first']:.1f} img/s "
           f"({first['per_cpu_after_first']:.1f} img/CPU-s); first batch "
           f"{waits}; epoch times {', '.join(f'{t:.1f}s' for t in first['epoch_times'])}; "
