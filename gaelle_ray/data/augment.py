@@ -302,6 +302,14 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def _check_blur_size(h: int, w: int, kernel_size: int) -> None:
+    """ValueError unless an h x w image can be reflect-padded by ``kernel_size // 2``."""
+    pad = kernel_size // 2
+    if pad >= h or pad >= w:
+        raise ValueError(f"blur kernel of {kernel_size} taps needs images larger than "
+                         f"{pad} px for reflect padding, got {h}x{w}")
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x: (N, C, H, W); sigma: (N,). Separable Gaussian blur, one sigma per sample.
 
@@ -310,9 +318,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     """
     n, c, h, w = x.shape
     pad = kernel_size // 2
-    if pad >= h or pad >= w:
-        raise ValueError(f"blur kernel of {kernel_size} taps needs images larger than "
-                         f"{pad} px for reflect padding, got {h}x{w}")
+    _check_blur_size(h, w, kernel_size)
     if n == 0:
         return x
     kernels = gaussian_kernels(sigma.to(device=x.device, dtype=torch.float32), kernel_size)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from gaelle_ray.data.augment import (_LUMA, BRIGHTNESS, CONTRAST, HUE, SATURATION, ColourConfig,
-                                     ColourParams, _apply_on_subset, gaussian_kernels, luminance,
-                                     rgb_to_grayscale)
+                                     ColourParams, _apply_on_subset, _check_blur_size,
+                                     gaussian_kernels, luminance, rgb_to_grayscale)
 
 __all__ = ["apply_colour_cpu", "compiled_kernels_status"]
 
@@ -141,7 +141,7 @@ def _group_programme(x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, idx: 
     scale, offset: (1, 3, 1, 1).
     """
     v = x[rows].to(torch.float32)  # (m, 3, H, W) on the [0, 255] scale
-    if not x.dtype == torch.uint8:
+    if x.dtype != torch.uint8:
         v = v * 255.0
     if hue_step >= 0:
         for step in range(4):
@@ -259,13 +259,6 @@ def _kernel_indices(idx: torch.Tensor) -> torch.Tensor:
     one (a lone index is repeated, its values written twice: else a second graph
     specialised to m = 1)."""
     return idx.repeat(2) if idx.numel() == 1 else idx.clone()
-
-
-def _check_blur_size(h: int, w: int, kernel_size: int) -> None:
-    pad = kernel_size // 2
-    if pad >= h or pad >= w:
-        raise ValueError(f"blur kernel of {kernel_size} taps needs images larger than "
-                         f"{pad} px for reflect padding, got {h}x{w}")
 
 
 def _blur_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
