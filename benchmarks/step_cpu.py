@@ -25,7 +25,7 @@ from gaelle_ray.config import load_config
 from gaelle_ray.losses.gaelle import LossSettings, gaelle_losses
 from gaelle_ray.model.backbone import feature_map
 from gaelle_ray.model.gaelle import GaelleModel, GaelleOutput, semantic_attention
-from gaelle_ray.naive import naive_forward, naive_losses, naive_semantic_attention
+from gaelle_ray.reference import naive_forward, naive_losses, naive_semantic_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 

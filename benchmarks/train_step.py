@@ -28,7 +28,7 @@ import torch
 from gaelle_ray.config import load_config
 from gaelle_ray.losses.gaelle import LossSettings
 from gaelle_ray.model import build_model
-from gaelle_ray.naive import naive_forward, naive_losses
+from gaelle_ray.reference import naive_forward, naive_losses
 from gaelle_ray.train.optim import drop_prototype_gradients, learning_rate, set_learning_rate
 from gaelle_ray.train.step import GaelleStepper
 

@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from gaelle_ray import storage
+
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def resolve_tracking_uri(config) -> str:
@@ -37,11 +35,10 @@ def resolve_tracking_uri(config) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     run_dir = config.train.run_dir
-    if _is_remote(run_dir):
+    if storage.is_remote(run_dir):
         raise ValueError(f"train.run_dir = {run_dir!r} is remote, so the default sqlite store cannot live there: "
                          "set tracking.tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server")
-    local = Path(run_dir.removeprefix("file://")).resolve()
-    return f"sqlite:///{local / 'mlflow.db'}"
+    return f"sqlite:///{Path(storage.normalise(run_dir)) / 'mlflow.db'}"
 
 
 def _client(uri: str):

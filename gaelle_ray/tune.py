@@ -39,7 +39,7 @@ import ray
 import yaml
 from ray import tune
 
-from gaelle_ray import tracking
+from gaelle_ray import storage, tracking
 from gaelle_ray.config import Config, ConfigError, dump_yaml, load_config
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def storage_dir(spec: SweepSpec) -> str:
-    s = spec.storage
-    return s if "://" in s and not s.startswith("file://") else str(Path(s.removeprefix("file://")).resolve())
+    """The sweep's Tune storage: a remote URI as given, a local path made absolute."""
+    return storage.normalise(spec.storage)
 
 
 def sweep_tracking_uri(spec: SweepSpec) -> str:
@@ -138,7 +138,7 @@ def sweep_tracking_uri(spec: SweepSpec) -> str:
     if spec.base.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return tracking.resolve_tracking_uri(spec.base)
     root = storage_dir(spec)
-    if "://" in root:
+    if storage.is_remote(root):
         raise ValueError(f"storage {root!r} is remote: set tracking.tracking_uri in the base config")
     return f"sqlite:///{Path(root) / spec.name / 'mlflow.db'}"
 
@@ -205,13 +205,13 @@ class SweepResult:
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> SweepResult:
     """Run (or resume) a sweep; returns the best trial and every trial's outcome."""
-    from gaelle_ray.train.trainer import init_ray
+    from gaelle_ray.ray_setup import check_cpu_budget, init_ray
 
     root = storage_dir(spec)
     experiment_path = f"{root.rstrip('/')}/{spec.name}"
     uri = sweep_tracking_uri(spec)
     tracking.check_reachable(uri)
-    parent_file = Path(root) / spec.name / "mlflow_parent.txt" if "://" not in root else None
+    parent_file = Path(root) / spec.name / "mlflow_parent.txt" if not storage.is_remote(root) else None
     parent_run_id = parent_file.read_text().strip() if resume and parent_file and parent_file.is_file() else ""
     if not parent_run_id:
         parent_run_id = tracking.start_run(
@@ -226,8 +226,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
     tc = spec.base.train
     needed = tc.num_workers * spec.base.ray.num_cpus_per_worker + 2 * spec.base.data.crop_cpus + TRIAL_CPU
     init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, int(math.ceil(needed))))
-    from gaelle_ray.data.pipeline import check_cpu_budget
-
     check_cpu_budget(ray.cluster_resources().get("CPU", 0) - TRIAL_CPU, tc.num_workers,
                      spec.base.ray.num_cpus_per_worker, spec.base.data.crop_cpus)
 
@@ -258,7 +256,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
         raise RuntimeError(f"sweep {spec.name}: no trial finished with an mAP; see {experiment_path}")
     best = max(finished, key=lambda t: t[OBJECTIVE])
     best_config = spec.base.replace(best["params"])
-    best_path = Path(root) / spec.name / "best_config.yaml" if "://" not in root else Path(f"best_{spec.name}.yaml")
+    best_path = Path(root) / spec.name / "best_config.yaml" if not storage.is_remote(root) else Path(f"best_{spec.name}.yaml")
     best_path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# best trial of sweep {spec.name} ({spec.source}): fast linear-probe mAP {best[OBJECTIVE]:.4f}\n"
               f"# searched values: {best['params']}\n")

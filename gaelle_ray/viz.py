@@ -326,20 +326,6 @@ def load_images(image_files: Sequence[str | Path], image_size: int = 224,
     return batch, (x - m) / s
 
 
-def _checkpoint_folder(path: Path) -> Path:
-    """An epoch folder itself, or the newest complete epoch_* folder under a run folder."""
-    from gaelle_ray.train.checkpoint import META_FILE, PREFIX
-
-    if (path / META_FILE).is_file():
-        return path
-    candidates = sorted(p for p in path.glob(f"**/{PREFIX}*") if p.is_dir() and (p / META_FILE).is_file()
-                        and p.name[len(PREFIX):].isdigit())
-    if not candidates:
-        raise ValueError(f"{path}: no gaelle checkpoint here (an {PREFIX}NNNNN folder with {META_FILE}, "
-                         "or a run folder holding some)")
-    return max(candidates, key=lambda p: int(p.name[len(PREFIX):]))
-
-
 def load_model_for_attention(checkpoint: str | Path, arch: str | None = None,
                              nmb_groups_heads: int | None = None):
     """(GaelleModel in eval mode, description) from a checkpoint.
@@ -359,10 +345,10 @@ def load_model_for_attention(checkpoint: str | Path, arch: str | None = None,
 
     path = Path(checkpoint)
     if path.is_dir():
-        from gaelle_ray.train.checkpoint import load_checkpoint
+        from gaelle_ray import storage
 
-        folder = _checkpoint_folder(path)
-        state, meta = load_checkpoint(folder)
+        folder = storage.find_checkpoint_folder(path)
+        state, meta = storage.load_checkpoint(folder)
         if "config" not in meta:
             raise ValueError(f"{folder}: meta.json holds no config; cannot rebuild the model")
         config = Config.from_dict(meta["config"], source=f"{folder}/meta.json")
@@ -371,10 +357,7 @@ def load_model_for_attention(checkpoint: str | Path, arch: str | None = None,
             if wanted is not None and wanted != have:
                 raise ValueError(f"{folder}: the checkpoint was trained with model.{name} = {have!r}, "
                                  f"not {wanted!r}")
-        try:
-            weights = state["worker"]["model"]
-        except (KeyError, TypeError):
-            raise ValueError(f"{folder}: state.pt has no worker model weights (state['worker']['model'])") from None
+        weights = storage.worker_model_state(state, f"{folder}/{storage.STATE_FILE}")
         model = build_model(config)
         load_state_strict(model, weights, str(folder))
         description = f"{folder.name} ({config.model.arch}, epoch {meta.get('epoch', '?')})"

@@ -12,7 +12,7 @@ from gaelle_ray.config import Config
 from gaelle_ray.model import build_model
 from gaelle_ray.model.backbone import feature_map
 from gaelle_ray.model.gaelle import semantic_attention
-from gaelle_ray.train.checkpoint import save_checkpoint
+from gaelle_ray.storage import save_checkpoint
 
 
 def _config(groups=4, feat_dim=16):

@@ -94,7 +94,9 @@ class GaelleModel(nn.Module):
     def __init__(self, arch: str = "resnet50", hidden_mlp: int = 2048, feat_dim: int = 128,
                  nmb_prototypes: int = 3000, nmb_local_prototypes: int = 3000,
                  nmb_groups_heads: int = 4, attention_temperature: float = 1.0,
-                 l2g_detach: bool = True):
+                 l2g_detach: bool = True, position_group=None):
+        """position_group: the process group whose workers share the per-position BatchNorm
+        statistics of the attention head (None: this process alone)."""
         super().__init__()
         if feat_dim % nmb_groups_heads:
             raise ValueError(f"feat_dim d = {feat_dim} is not divisible by nmb_groups_heads H = {nmb_groups_heads}")
@@ -113,7 +115,7 @@ class GaelleModel(nn.Module):
         self.n_slots = feat_dim // nmb_groups_heads
         self.attention_temperature = attention_temperature
         self.l2g_detach = l2g_detach
-        self.position_group = None  # process group for per-position BatchNorm statistics
+        self.position_group = position_group
 
     @property
     def num_features(self) -> int:
@@ -152,10 +154,11 @@ class GaelleModel(nn.Module):
             layer.weight.copy_(F.normalize(layer.weight, dim=1))
 
 
-def build_model(config) -> GaelleModel:
-    """GaelleModel from a validated `gaelle_ray.config.Config`."""
+def build_model(config, position_group=None) -> GaelleModel:
+    """GaelleModel from a validated `gaelle_ray.config.Config`; position_group: the process
+    group of the training workers (None: one worker)."""
     m = config.model
     return GaelleModel(arch=m.arch, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim,
                        nmb_prototypes=m.nmb_prototypes, nmb_local_prototypes=m.nmb_local_prototypes,
                        nmb_groups_heads=m.nmb_groups_heads, attention_temperature=m.attention_temperature,
-                       l2g_detach=config.loss.l2g_detach)
+                       l2g_detach=config.loss.l2g_detach, position_group=position_group)

@@ -1,10 +1,11 @@
 """`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
 
-setup (device, seeds, model, synchronised BatchNorm, DDP, stepper) -> restore from the
-newest checkpoint if Ray hands one over -> for every batch of the stream: one step,
-progress line and step metrics every `train.log_every_steps` -> at every epoch end: metrics
-averaged over workers, collapse watch, checkpoint (rank 0 writes, Ray uploads), epoch
-metrics to MLflow (rank 0).
+    set up (device, seeds, model, synchronised BatchNorm, DDP, stepper)
+    restore from the newest checkpoint if Ray hands one over
+    for each epoch:
+        run its steps (progress line and step metrics every `train.log_every_steps`)
+        end it (metrics averaged over workers, collapse watch, checkpoint written by rank 0
+                and uploaded by Ray, epoch metrics to MLflow from rank 0)
 
 A run that must stop (too many non-finite steps in a row, or a collapse with
 `train.collapse_action: stop`) reports `stopped` with the reason and returns normally, so
@@ -14,12 +15,15 @@ Ray Train's FailureConfig, which restarts the workers from the newest checkpoint
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import ray.train
@@ -30,19 +34,40 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gaelle_ray.config import Config
-from gaelle_ray.data.pipeline import count_rows, epoch_batches, steps_per_epoch
+from gaelle_ray.data.pipeline import StreamBatch, count_rows, epoch_batches, steps_per_epoch
+from gaelle_ray.losses.queue import per_worker_length
 from gaelle_ray.model import build_model
 from gaelle_ray.model.norm import convert_group_batchnorm
-from gaelle_ray.losses.queue import per_worker_length
-from gaelle_ray.train.checkpoint import (
-    checkpoint_name, load_checkpoint, queues_for_rank, save_checkpoint, write_stop_reason,
-)
+from gaelle_ray.storage import checkpoint_name, load_checkpoint, save_checkpoint
+from gaelle_ray.train.checkpoint import queues_for_rank, write_stop_reason
 from gaelle_ray.train.collapse import collapse_check
-from gaelle_ray.train.step import GaelleStepper, TooManyNonFiniteSteps
+from gaelle_ray.train.step import GaelleStepper, StepMetrics, TooManyNonFiniteSteps
 
 log = logging.getLogger(__name__)
 
 EPOCH_KEYS = ("loss", "loss_global", "loss_local", "loss_l2g", "code_entropy", "prototypes_in_use")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Worker:
+    """One training worker's place in the run and what it trains."""
+
+    config: Config
+    rank: int
+    world: int
+    device: torch.device
+    group: object  # process group of the training workers; None with one worker
+    steps: int  # steps per epoch
+    stepper: GaelleStepper
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    logger: object = None  # tracking.RunLogger on rank 0 when the run is tracked
+
+    @property
+    def images_per_step(self) -> int:
+        return self.config.train.batch_size_per_worker * self.world
 
 
 def _seed_everything(seed: int) -> None:
@@ -52,8 +77,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _build(config: Config, device: torch.device, world: int):
-    model = build_model(config)
+    """(model, what the step calls, process group): the model with synchronised BatchNorm
+    across the workers, wrapped in DDP when there are several and compiled when configured."""
     group = dist.group.WORLD if world > 1 else None
+    model = build_model(config, position_group=group)
     if world > 1 and config.model.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -70,28 +97,63 @@ def _build(config: Config, device: torch.device, world: int):
     return model, forward_model, group
 
 
-def _gather_queues(stepper: GaelleStepper, group, world: int) -> dict[str, list | None]:
-    """Every rank's queue states, on every rank (small: a few MB at COCO scale)."""
-    mine = {"queue": stepper.queue.state_dict() if stepper.queue else None,
-            "local_queue": stepper.local_queue.state_dict() if stepper.local_queue else None}
-    if world == 1:
-        return {k: [v] for k, v in mine.items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
-    return {k: [e[k] for e in everyone] for k in mine}
+def set_up_worker(config: Config) -> Worker:
+    """Device, seeds, model and stepper of this worker (inside a Ray Train worker group)."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = torch.cuda.is_available() and config.train.use_gpu
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.ray.num_cpus_per_worker)))
+    _seed_everything(config.train.seed + rank)
+    steps = steps_per_epoch(config, count_rows(config), world)
+    model, forward_model, group = _build(config, device, world)
+    stepper = GaelleStepper(model, config, device, group, world, rank, steps, forward_model)
+    return Worker(config, rank, world, device, group, steps, stepper)
 
 
-def _mean_over_workers(values: dict[str, float], group, device) -> dict[str, float]:
-    if group is None:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
-    t /= dist.get_world_size(group)
-    return dict(zip(keys, t.tolist()))
+def restore(worker: Worker, checkpoint: ray.train.Checkpoint | None) -> int:
+    """Load the checkpoint Ray handed over (if any) into the worker; the epoch to start at.
+
+    The queues are re-split when the checkpoint was written by another number of workers."""
+    if checkpoint is None:
+        return 0
+    config, batch, world = worker.config, worker.config.train.batch_size_per_worker, worker.world
+    with checkpoint.as_directory() as ckpt_dir:
+        state, meta = load_checkpoint(ckpt_dir)
+    lengths = {"queue": per_worker_length(config.queue.queue_length, batch, world),
+               "local_queue": per_worker_length(config.queue.local_queue_length, batch * config.num_slots, world)}
+    queues = {name: queues_for_rank(state["queues"][name], worker.rank, world, lengths, name)
+              for name in ("queue", "local_queue")}
+    worker.stepper.load_state_dict(state["worker"], queues=queues)
+    worker.history = list(state["history"])
+    start_epoch = int(meta["epoch"]) + 1
+    if worker.rank == 0:
+        write_progress_line(f"resumed from {checkpoint_name(int(meta['epoch']))}: epoch {start_epoch}, iteration "
+                            f"{worker.stepper.iteration} (checkpoint written by {meta['world_size']} workers, "
+                            f"now {world})")
+    return start_epoch
 
 
-def say(message: str) -> None:
+def open_run_logger(worker: Worker, tracking_uri: str, run_id: str) -> None:
+    """On rank 0 of a tracked run: the MLflow logger, with the epochs that were checkpointed
+    but never logged (a crash between the two) logged now."""
+    if worker.rank != 0 or not run_id:
+        return
+    from gaelle_ray.tracking import RunLogger
+
+    worker.logger = RunLogger(tracking_uri, run_id)
+    device = worker.device
+    worker.logger.set_tags({"world_size": worker.world,
+                            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    for past in worker.history:
+        worker.logger.log_metrics({f"epoch_{k}": v for k, v in past.items() if k != "epoch"}, step=past["epoch"])
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def write_progress_line(message: str) -> None:
     """One progress line on the worker's stdout (what `ray job logs` shows). Not the print
     builtin: Ray Train patches it to also copy lines into its logger, so each showed twice."""
     sys.stdout.write(f"[gaelle] {message}\n")
@@ -104,137 +166,173 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+# ----------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class EpochTally:
+    """What an epoch's steps add up to, on one worker."""
+
+    started: float  # perf_counter at the start of the epoch, before the wait for its first batch
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # EPOCH_KEYS over finite steps
+    finite_steps: int = 0
+    wait_s: float = 0.0
+    skipped_records: int = 0
+    stop_reason: str | None = None  # set when the run must stop before the epoch ends
+
+    def add(self, item: StreamBatch, m: StepMetrics) -> None:
+        self.wait_s += item.wait_s
+        self.skipped_records += item.skipped
+        if not m.nonfinite:
+            self.finite_steps += 1
+            for key in EPOCH_KEYS:
+                self.sums[key] += getattr(m, key)
+
+
+def run_epoch(worker: Worker, batches: Iterable[StreamBatch], epoch: int) -> EpochTally:
+    """Run the steps of `epoch` over its batches; a progress line and the step metrics every
+    train.log_every_steps steps. Stops early (tally.stop_reason) after too many non-finite
+    steps in a row."""
+    tc, stepper = worker.config.train, worker.stepper
+    tally: EpochTally | None = None
+    for item in batches:
+        if tally is None:  # the epoch's clock starts before the wait for its first batch
+            tally = EpochTally(started=time.perf_counter() - item.wait_s)
+        try:
+            m = stepper.step(item.crops, epoch, tc.epochs)
+        except TooManyNonFiniteSteps as exc:
+            tally.stop_reason = f"non-finite loss: {exc}"
+            return tally
+        tally.add(item, m)
+        done = item.step + 1
+        if done % tc.log_every_steps == 0 or done == worker.steps:
+            _log_step(worker, tally, m, epoch, done)
+    if tally is None:
+        raise RuntimeError(f"epoch {epoch}: the stream gave no batch")
+    return tally
+
+
+def _log_step(worker: Worker, tally: EpochTally, m: StepMetrics, epoch: int, done: int) -> None:
+    tc, steps = worker.config.train, worker.steps
+    elapsed = max(time.perf_counter() - tally.started, 1e-9)
+    imgs = done * worker.images_per_step / elapsed
+    if worker.rank == 0:
+        remaining = (tc.epochs - epoch - 1) * steps + steps - done
+        write_progress_line(
+            f"epoch {epoch + 1}/{tc.epochs} step {done}/{steps} loss {m.loss:.4f} "
+            f"(global {m.loss_global:.3f} local {m.loss_local:.3f} l2g {m.loss_l2g:.3f}) "
+            f"lr {m.lr:.4g} {imgs:.1f} img/s data wait {100 * tally.wait_s / elapsed:.0f}% "
+            f"eta {_format_eta(remaining * elapsed / done)}")
+    if worker.logger is not None:
+        worker.logger.log_metrics({"loss": m.loss, "loss_global": m.loss_global, "loss_local": m.loss_local,
+                                   "loss_l2g": m.loss_l2g, "lr": m.lr, "images_per_s": imgs,
+                                   "data_wait_share": tally.wait_s / elapsed,
+                                   "code_entropy": m.code_entropy, "prototypes_in_use": m.prototypes_in_use,
+                                   "skipped_records": tally.skipped_records,
+                                   "nonfinite_steps": worker.stepper.nonfinite_total},
+                                  step=worker.stepper.iteration)
+
+
+def _mean_over_workers(values: dict[str, float], group, device) -> dict[str, float]:
+    if group is None:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    t /= dist.get_world_size(group)
+    return dict(zip(keys, t.tolist()))
+
+
+def _gather_queues(worker: Worker) -> dict[str, list | None]:
+    """Every rank's queue states, on every rank (small: a few MB at COCO scale)."""
+    stepper = worker.stepper
+    mine = {"queue": stepper.queue.state_dict() if stepper.queue else None,
+            "local_queue": stepper.local_queue.state_dict() if stepper.local_queue else None}
+    if worker.world == 1:
+        return {k: [v] for k, v in mine.items()}
+    everyone: list = [None] * worker.world
+    dist.all_gather_object(everyone, mine, group=worker.group)
+    return {k: [e[k] for e in everyone] for k in mine}
+
+
+def end_epoch(worker: Worker, epoch: int, tally: EpochTally) -> str | None:
+    """Every rank: the epoch's metrics averaged over workers, the collapse watch, the report
+    to Ray Train (with a checkpoint written by rank 0 when one is due), the epoch metrics to
+    MLflow. Returns why the run must stop, or None."""
+    tc, stepper = worker.config.train, worker.stepper
+    elapsed = time.perf_counter() - tally.started
+    local = {k: tally.sums[k] / max(tally.finite_steps, 1) for k in EPOCH_KEYS}
+    local.update(images_per_s=worker.steps * worker.images_per_step / elapsed, data_wait_share=tally.wait_s / elapsed,
+                 skipped_records=float(tally.skipped_records))
+    epoch_metrics = _mean_over_workers(local, worker.group, worker.device)
+    epoch_metrics["skipped_records"] *= worker.world  # a sum, not a mean
+    epoch_metrics["nonfinite_steps"] = float(stepper.nonfinite_total)
+    worker.history.append({"epoch": epoch, **epoch_metrics})
+
+    stop_reason = None
+    collapse = collapse_check(epoch_metrics, epoch, worker.config)
+    if collapse:
+        write_progress_line(f"WARNING {collapse}")
+        if tc.collapse_action == "stop":
+            stop_reason = collapse
+    report = {"epoch": epoch, "iteration": stepper.iteration, "collapsed": bool(collapse),
+              "stopped": stop_reason or "", **epoch_metrics}
+    queues = _gather_queues(worker)  # a collective: every rank, every epoch
+    if (epoch + 1) % tc.checkpoint_every_epochs == 0 or epoch + 1 == tc.epochs or stop_reason:
+        _report_with_checkpoint(worker, epoch, report, queues)
+    else:
+        ray.train.report(report)
+    if worker.logger is not None:
+        worker.logger.log_metrics({f"epoch_{k}": v for k, v in epoch_metrics.items()}, step=epoch)
+        if collapse:
+            worker.logger.set_tags({"collapse_warning": collapse})
+    return stop_reason
+
+
+def _report_with_checkpoint(worker: Worker, epoch: int, report: dict, queues: dict) -> None:
+    """Rank 0 writes the checkpoint folder and every rank reports (Ray uploads rank 0's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if worker.rank == 0:
+            state = {"worker": worker.stepper.state_dict(), "queues": queues, "history": worker.history}
+            save_checkpoint(tmp, state, {"epoch": epoch, "iteration": worker.stepper.iteration,
+                                         "world_size": worker.world, "config": worker.config.to_dict()})
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(epoch))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: {"config": Config.to_dict(), "tracking_uri", "run_id",
     "run_uri" (the run's storage folder, for the stop record)}."""
     config = Config.from_dict(loop_config["config"], source="train_loop_config")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if torch.cuda.is_available() and config.train.use_gpu else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(config.ray.num_cpus_per_worker)))
-    _seed_everything(config.train.seed + rank)
-
     tc = config.train
-    batch = tc.batch_size_per_worker
-    rows = count_rows(config)
-    steps = steps_per_epoch(config, rows, world)
-    model, forward_model, group = _build(config, device, world)
-    stepper = GaelleStepper(model, config, device, group, world, rank, steps, forward_model)
-
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state, meta = load_checkpoint(ckpt_dir)
-        lengths = {"queue": per_worker_length(config.queue.queue_length, batch, world),
-                   "local_queue": per_worker_length(config.queue.local_queue_length, batch * config.num_slots, world)}
-        queues = {name: queues_for_rank(state["queues"][name], rank, world, lengths, name)
-                  for name in ("queue", "local_queue")}
-        stepper.load_state_dict(state["worker"], queues=queues)
-        start_epoch, history = int(meta["epoch"]) + 1, list(state["history"])
-        if rank == 0:
-            say(f"resumed from {checkpoint_name(int(meta['epoch']))}: epoch {start_epoch}, iteration "
-                f"{stepper.iteration} (checkpoint written by {meta['world_size']} workers, now {world})")
-
-    logger = None
-    if rank == 0 and loop_config.get("run_id"):
-        from gaelle_ray.tracking import RunLogger
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
-        logger.set_tags({"world_size": world, "device_name": torch.cuda.get_device_name(device)
-                         if device.type == "cuda" else "cpu"})
-        for past in history:  # epochs checkpointed but never logged (crash between the two)
-            logger.log_metrics({f"epoch_{k}": v for k, v in past.items() if k != "epoch"}, step=past["epoch"])
-
+    worker = set_up_worker(config)
+    start_epoch = restore(worker, ray.train.get_checkpoint())
+    open_run_logger(worker, loop_config.get("tracking_uri", ""), loop_config.get("run_id", ""))
     if start_epoch >= tc.epochs:
         return
-    shard = ray.train.get_dataset_shard("train")
-    sums: dict[str, float] = defaultdict(float)
-    counted = 0
-    skipped_records = 0
-    t_epoch, wait_epoch, run_t0 = time.perf_counter(), 0.0, time.perf_counter()
-    stop_reason, stop_reported = None, False
-    for item in epoch_batches(shard, batch, steps, tc.epochs - start_epoch, device,
-                              start_epoch=start_epoch, prefetch_batches=config.data.prefetch_batches):
-        epoch, step = item.epoch, item.step
-        if step == 0:  # the epoch's clock starts before the wait for its first batch
-            t_epoch, wait_epoch = time.perf_counter() - item.wait_s, 0.0
-            sums, counted, skipped_records = defaultdict(float), 0, 0
-        try:
-            m = stepper.step(item.crops, epoch, tc.epochs)
-        except TooManyNonFiniteSteps as exc:
-            stop_reason = f"non-finite loss: {exc}"
-            break
-        wait_epoch += item.wait_s
-        skipped_records += item.skipped
-        if not m.nonfinite:
-            counted += 1
-            for key in EPOCH_KEYS:
-                sums[key] += getattr(m, key)
-        done = step + 1
-        if done % tc.log_every_steps == 0 or done == steps:
-            elapsed = time.perf_counter() - t_epoch
-            imgs = done * batch * world / max(elapsed, 1e-9)
-            if rank == 0:
-                remaining = (tc.epochs - epoch - 1) * steps + steps - done
-                say(f"epoch {epoch + 1}/{tc.epochs} step {done}/{steps} loss {m.loss:.4f} "
-                    f"(global {m.loss_global:.3f} local {m.loss_local:.3f} l2g {m.loss_l2g:.3f}) "
-                    f"lr {m.lr:.4g} {imgs:.1f} img/s data wait {100 * wait_epoch / max(elapsed, 1e-9):.0f}% "
-                    f"eta {_format_eta(remaining * elapsed / done)}")
-            if logger is not None:
-                logger.log_metrics({"loss": m.loss, "loss_global": m.loss_global, "loss_local": m.loss_local,
-                                    "loss_l2g": m.loss_l2g, "lr": m.lr, "images_per_s": imgs,
-                                    "data_wait_share": wait_epoch / max(elapsed, 1e-9),
-                                    "code_entropy": m.code_entropy, "prototypes_in_use": m.prototypes_in_use,
-                                    "skipped_records": skipped_records,
-                                    "nonfinite_steps": stepper.nonfinite_total}, step=stepper.iteration)
-        if done < steps:
-            continue
 
-        # ---- epoch end (every rank) ----
-        elapsed = time.perf_counter() - t_epoch
-        local = {k: sums[k] / max(counted, 1) for k in EPOCH_KEYS}
-        local.update(images_per_s=steps * batch * world / elapsed, data_wait_share=wait_epoch / elapsed,
-                     skipped_records=float(skipped_records))
-        epoch_metrics = _mean_over_workers(local, group, device)
-        epoch_metrics["skipped_records"] *= world  # a sum, not a mean
-        epoch_metrics["nonfinite_steps"] = float(stepper.nonfinite_total)
-        record = {"epoch": epoch, **epoch_metrics}
-        history.append(record)
-        collapse = collapse_check(epoch_metrics, epoch, config)
-        if collapse:
-            say(f"WARNING {collapse}")
-            if tc.collapse_action == "stop":
-                stop_reason = collapse
-        last = epoch + 1 == tc.epochs
-        report = {"epoch": epoch, "iteration": stepper.iteration, "collapsed": bool(collapse),
-                  "stopped": stop_reason or "", **epoch_metrics}
-        queues = _gather_queues(stepper, group, world)
-        if (epoch + 1) % tc.checkpoint_every_epochs == 0 or last or stop_reason:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    state = {"worker": stepper.state_dict(), "queues": queues, "history": history}
-                    save_checkpoint(tmp, state, {"epoch": epoch, "iteration": stepper.iteration,
-                                                 "world_size": world, "config": config.to_dict()})
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(epoch))
-        else:
-            ray.train.report(report)
-        stop_reported = bool(stop_reason)
-        if logger is not None:
-            logger.log_metrics({f"epoch_{k}": v for k, v in epoch_metrics.items()}, step=epoch)
-            if collapse:
-                logger.set_tags({"collapse_warning": collapse})
+    run_started = time.perf_counter()
+    batches = epoch_batches(ray.train.get_dataset_shard("train"), tc.batch_size_per_worker, worker.steps,
+                            tc.epochs - start_epoch, worker.device, start_epoch=start_epoch,
+                            prefetch_batches=config.data.prefetch_batches)
+    stop_reason, epoch = None, start_epoch
+    for epoch in range(start_epoch, tc.epochs):
+        tally = run_epoch(worker, itertools.islice(batches, worker.steps), epoch)
+        if tally.stop_reason:  # stopped mid-epoch: no new checkpoint (the newest good one stays)
+            stop_reason = tally.stop_reason
+            ray.train.report({"epoch": epoch, "iteration": worker.stepper.iteration, "collapsed": False,
+                              "stopped": stop_reason})
+            break
+        stop_reason = end_epoch(worker, epoch, tally)
         if stop_reason:
             break
 
-    if stop_reason and not stop_reported:
-        # stopped mid-epoch: no new checkpoint (the newest good one stays)
-        ray.train.report({"epoch": epoch, "iteration": stepper.iteration, "collapsed": False,
-                          "stopped": stop_reason})
-    if stop_reason and rank == 0:
-        write_stop_reason(loop_config["run_uri"], stop_reason, epoch, stepper.iteration)
-    if rank == 0:
-        say(f"training loop finished in {_format_eta(time.perf_counter() - run_t0)}"
-            + (f"; stopped: {stop_reason}" if stop_reason else ""))
+    if stop_reason and worker.rank == 0:
+        write_stop_reason(loop_config["run_uri"], stop_reason, epoch, worker.stepper.iteration)
+    if worker.rank == 0:
+        write_progress_line(f"training loop finished in {_format_eta(time.perf_counter() - run_started)}"
+                            + (f"; stopped: {stop_reason}" if stop_reason else ""))

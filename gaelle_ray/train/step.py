@@ -67,7 +67,9 @@ class GaelleStepper:
 
     model: the GaelleModel; forward_model: what the step calls (the model itself, or it
     wrapped in DistributedDataParallel and/or torch.compile; None = the model);
-    group: the process group for Sinkhorn and per-position BatchNorm (None: one worker).
+    group: the process group for Sinkhorn and for agreeing on skipped steps (None: one
+    worker); the model carries the same group for its per-position BatchNorm, given when
+    it was built (`build_model(config, position_group=group)`).
     """
 
     def __init__(self, model: nn.Module, config, device: torch.device, group=None,
@@ -92,7 +94,6 @@ class GaelleStepper:
         self.iteration = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        self.model.position_group = group
 
     # -- queues ------------------------------------------------------------------------
 
@@ -174,9 +175,10 @@ class GaelleStepper:
         self._push_queues(out)
         self.iteration += 1
         entropy, in_use = code_statistics(terms.codes)
-        return StepMetrics(float(terms.total.detach()), float(terms.global_.detach()), float(terms.local.detach()),
-                           float(terms.l2g.detach()), lr,
-                           entropy, in_use, False, time.perf_counter() - t0)
+        return StepMetrics(loss=float(terms.total.detach()), loss_global=float(terms.global_.detach()),
+                           loss_local=float(terms.local.detach()), loss_l2g=float(terms.l2g.detach()), lr=lr,
+                           code_entropy=entropy, prototypes_in_use=in_use, nonfinite=False,
+                           step_seconds=time.perf_counter() - t0)
 
     def _skip(self, error, lr: float, t0: float) -> StepMetrics:
         self.nonfinite_in_a_row += 1
@@ -188,7 +190,8 @@ class GaelleStepper:
                 f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps = {limit}) at "
                 f"iteration {self.iteration}: {error or 'another worker saw a non-finite loss'}")
         nan = float("nan")
-        return StepMetrics(nan, nan, nan, nan, lr, nan, nan, True, time.perf_counter() - t0)
+        return StepMetrics(loss=nan, loss_global=nan, loss_local=nan, loss_l2g=nan, lr=lr, code_entropy=nan,
+                           prototypes_in_use=nan, nonfinite=True, step_seconds=time.perf_counter() - t0)
 
     @torch.no_grad()
     def _push_queues(self, out) -> None:

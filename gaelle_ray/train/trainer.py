@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
-from gaelle_ray import tracking
+from gaelle_ray import storage, tracking
 from gaelle_ray.config import Config
-from gaelle_ray.data.pipeline import build_pretrain_stream, check_cpu_budget
-from gaelle_ray.train.checkpoint import clear_stop_reason, latest_epoch, read_json, read_stop_reason, write_json
+from gaelle_ray.data.pipeline import build_pretrain_stream
+from gaelle_ray.ray_setup import build_torch_trainer, check_cpu_budget, init_ray, wait_for_cpus
+from gaelle_ray.train.checkpoint import clear_stop_reason, read_stop_reason
 from gaelle_ray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "train"
-RUN_ID_FILE = "mlflow_run.json"
 
 
 class PretrainStopped(RuntimeError):
@@ -48,50 +46,18 @@ class PretrainResult:
     mlflow_run_id: str
 
 
-def init_ray(address: str = "", num_cpus: int | None = None) -> None:
-    """Connect to Ray: a running cluster ("auto" or ray://...), or a new local instance bound
-    to loopback. A local instance started here has token authentication off unless
-    RAY_AUTH_MODE says otherwise (it only listens on 127.0.0.1); clusters keep their own
-    setting (see README: clusters and tokens)."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1")
-
-
-def wait_for_cpus(wanted: float, timeout_s: float) -> float:
-    """The cluster's CPU count, waiting up to timeout_s for `wanted` (nodes of a fresh
-    cluster join over a minute or two)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        total = ray.cluster_resources().get("CPU", 0)
-        if total >= wanted or time.monotonic() >= deadline:
-            return total
-        time.sleep(5)
-
-
-def _storage(run_dir: str) -> str:
-    return run_dir if "://" in run_dir and not run_dir.startswith("file://") else str(
-        Path(run_dir.removeprefix("file://")).resolve())
-
-
 def _run_uri(config: Config) -> str:
     """Where Ray Train keeps this run's checkpoints: <ray.storage_path or train.run_dir>/train."""
-    return f"{_storage(config.ray.storage_path or config.train.run_dir).rstrip('/')}/{RUN_NAME}"
+    return storage.join(storage.normalise(config.ray.storage_path or config.train.run_dir), RUN_NAME)
 
 
 def _read_run_id(run_dir: str) -> str | None:
-    saved = read_json(_storage(run_dir), RUN_ID_FILE)
+    saved = storage.read_json(storage.normalise(run_dir), storage.RUN_ID_FILE)
     return saved["run_id"] if saved else None
 
 
 def _write_run_id(run_dir: str, run_id: str) -> None:
-    write_json(_storage(run_dir), RUN_ID_FILE, {"run_id": run_id})
+    storage.write_json(storage.normalise(run_dir), storage.RUN_ID_FILE, {"run_id": run_id})
 
 
 def make_stream_factory(config: Config):
@@ -100,7 +66,7 @@ def make_stream_factory(config: Config):
     run_uri = _run_uri(config)
 
     def factory():
-        done = latest_epoch(run_uri)
+        done = storage.latest_epoch(run_uri)
         start = 0 if done is None else done + 1
         return build_pretrain_stream(config, start_epoch=min(start, config.train.epochs - 1))
 
@@ -108,22 +74,16 @@ def make_stream_factory(config: Config):
 
 
 def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "", callbacks=()) -> TorchTrainer:
+    """The pretraining TorchTrainer: train_loop_per_worker on train.num_workers workers, the
+    stream as its "train" dataset, checkpoints under <ray.storage_path or train.run_dir>/train."""
     tc = config.train
-    use_gpu = tc.use_gpu
-    return TorchTrainer(
+    return build_torch_trainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "run_uri": _run_uri(config)},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": config.ray.num_cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=_storage(config.ray.storage_path or tc.run_dir),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            callbacks=list(callbacks)),
-        datasets={"train": make_stream_factory(config)},
-    )
+        {"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id, "run_uri": _run_uri(config)},
+        name=RUN_NAME, storage_path=storage.normalise(config.ray.storage_path or tc.run_dir),
+        num_workers=tc.num_workers, use_gpu=tc.use_gpu, cpus_per_worker=config.ray.num_cpus_per_worker,
+        keep_checkpoints=tc.keep_checkpoints, max_failures=tc.max_failures, callbacks=callbacks,
+        datasets={"train": make_stream_factory(config)})
 
 
 def pretrain(config: Config, *, resume: bool = False, address: str = "", track: bool = True,
@@ -137,7 +97,7 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     the cluster with each other (the sweep checks the budget once for all)."""
     tc = config.train
     run_uri = _run_uri(config)
-    done = latest_epoch(run_uri)
+    done = storage.latest_epoch(run_uri)
     if done is not None and not resume:
         raise ValueError(f"train.run_dir = {tc.run_dir!r} already holds a run (checkpoint of epoch {done}); "
                          "pass --resume to continue it, or choose another train.run_dir")
@@ -211,19 +171,18 @@ def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint:
     from gaelle_ray import viz
     from gaelle_ray.model import build_model
     from gaelle_ray.model.weights import export_backbone, load_state_strict
-    from gaelle_ray.train.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         with ckpt.as_directory() as local:  # downloaded when remote
-            state, meta = load_checkpoint(local)
+            state, meta = storage.load_checkpoint(local)
         model = build_model(config)
-        load_state_strict(model, state["worker"]["model"], checkpoint)
+        load_state_strict(model, storage.worker_model_state(state, checkpoint), checkpoint)
         path = Path(tmp) / f"backbone_{config.model.arch}.pth"
         torch.save(export_backbone(model), path)
         tracking.log_artifact(uri, run_id, path)
 
-        pictures = Path(_storage(config.train.run_dir)) / "pictures" if "://" not in _storage(
-            config.train.run_dir) else Path(tmp) / "pictures"
+        run_dir = storage.normalise(config.train.run_dir)
+        pictures = Path(tmp if storage.is_remote(run_dir) else run_dir) / "pictures"
         fig = viz.plot_loss_curves(state["history"], nmb_prototypes=config.model.nmb_prototypes,
                                    title=f"GAELLE pretraining, {config.model.arch}")
         files = [viz.save_figure(fig, pictures / "loss_curves.png")]
@@ -247,7 +206,6 @@ def _validation_images(config: Config, count: int, size: int):
 
     from gaelle_ray.data.augment import MEAN, STD
     from gaelle_ray.data.shards import list_shards
-    from gaelle_ray.train.checkpoint import storage_fs
 
     for split in (config.eval.test_split, config.data.split):
         try:
@@ -256,7 +214,7 @@ def _validation_images(config: Config, count: int, size: int):
             continue
         if not paths:
             continue
-        fs, path = storage_fs(paths[0])
+        fs, path = storage.resolve(paths[0])
         with fs.open_input_file(path) as f:
             table = pq.read_table(f, columns=["jpeg"]).slice(0, count)
         pictures = []

@@ -11,7 +11,7 @@ from gaelle_ray.losses.gaelle import (
     LossSettings, NonFiniteLossError, gaelle_losses, global_loss, l2g_loss, local_loss, codes_with_queue,
 )
 from gaelle_ray.model.gaelle import GaelleModel, GaelleOutput
-from gaelle_ray.naive import (
+from gaelle_ray.reference import (
     naive_forward, naive_global_loss, naive_l2g_loss, naive_local_loss, naive_losses, naive_sinkhorn,
 )
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gaelle_ray.losses.sinkhorn import sinkhorn
-from gaelle_ray.naive import naive_sinkhorn
+from gaelle_ray.reference import naive_sinkhorn
 
 
 def _scores(n, k, d=16, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gaelle_ray.model.gaelle import GaelleModel, ProjectionHead, semantic_attention
-from gaelle_ray.naive import naive_semantic_attention
+from gaelle_ray.reference import naive_semantic_attention
 
 
 def _head_pair(c, hidden, d, seed=0):

@@ -30,10 +30,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _setup():
+def _setup(group=None):
     torch.manual_seed(0)
     model = GaelleModel("resnet18", hidden_mlp=32, feat_dim=D, nmb_prototypes=10, nmb_local_prototypes=8,
-                        nmb_groups_heads=H, l2g_detach=False).train().double()
+                        nmb_groups_heads=H, l2g_detach=False, position_group=group).train().double()
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(VG * 2 * B, 3, 64, 64, generator=g, dtype=torch.float64),
              torch.randn(VL * 2 * B, 3, 32, 32, generator=g, dtype=torch.float64)]
@@ -53,10 +53,9 @@ def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model, crops, perm = _setup()
     group = dist.group.WORLD
+    model, crops, perm = _setup(group)
     model = convert_group_batchnorm(model, group)
-    model.position_group = group
     ddp = DDP(model, broadcast_buffers=False)
     settings = LossSettings(batch_size=B, n_crops=VG + VL, n_global=VG, n_slots=S)
     terms = gaelle_losses(ddp(_my_rows(crops, rank)), settings, slot_perm=perm, group=group)

@@ -1,9 +1,14 @@
-"""Plain-loop GAELLE, written straight from method.md: the ground truth for the tests and
-the reference-style baseline of the benchmarks. Never on the training path.
+"""The reference implementation: plain-loop GAELLE written straight from method.md, the
+oracle that the tests compare the vectorised code with and the reference-style baseline
+of the benchmarks. Never on the training path.
 
 Each function loops the way the text (and the released script) reads: the projection
 head called once per spatial position, the losses summed pair by pair, Sinkhorn with the
 plain exponential.
+
+This module must never import the code it checks (anything in gaelle_ray: the model,
+the losses, Sinkhorn, the data ops): an oracle that shares code with what it checks
+shares its bugs. It uses torch and the torchvision ResNet's own layers only.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from gaelle_ray.model.backbone import feature_map
+
+
+def _last_feature_map(backbone, x: torch.Tensor) -> torch.Tensor:
+    """x: (N, 3, H, W) -> (N, C, h, w), a torchvision ResNet's layers up to layer4."""
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        x = getattr(backbone, name)(x)
+    return x
 
 
 def naive_semantic_attention(fmap: torch.Tensor, head, n_groups: int, temperature: float = 1.0) -> torch.Tensor:
@@ -122,8 +133,9 @@ def naive_forward(model, crops: Sequence[torch.Tensor], batch_size: int | None =
     """
     def backbone_maps(x: torch.Tensor) -> torch.Tensor:
         if batch_size is None:
-            return feature_map(model.backbone, x)
-        return torch.cat([feature_map(model.backbone, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+            return _last_feature_map(model.backbone, x)
+        return torch.cat([_last_feature_map(model.backbone, x[i:i + batch_size])
+                          for i in range(0, len(x), batch_size)])
 
     fmap = backbone_maps(crops[0])  # (Vg*B, C, h, w)
     pooled = [torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)]
