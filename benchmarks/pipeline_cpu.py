@@ -14,7 +14,7 @@ Part 1, one process: images per CPU second of the process (= per core, and insen
 other work on the machine) and per wall second:
   (a) the reference (benchmarks/pipeline_reference.py) in a torch DataLoader, num_workers
       0 (and 1, wall clock only: the work happens in the worker process);
-  (b) ours, every augmentation on the CPU (``multicrop_batch(colour_on_cpu=True)``, the
+  (b) ours, every augmentation on the CPU (``multicrop_images(colour=True)``, the
       colour ops as torch.compile'd kernels, compiled in a warm-up call first);
   (c) ours, the CPU part only (the colour half is left to the training device);
   (d) JPEG decode alone: PIL to RGB, and (d') torchvision.io.decode_jpeg, the decoder
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -68,9 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline_reference import reference_dataset  # noqa: E402
 
-from gaelle_ray.config import Config  # noqa: E402
-from gaelle_ray.data.crops import (MultiCropSpec, decode_jpeg_torchvision,  # noqa: E402
-                                   multicrop_batch)
+from gaelle_ray.config import AugmentationConfig, Config  # noqa: E402
+from gaelle_ray.data.crops import decode_jpeg_torchvision, multicrop_images  # noqa: E402
 from gaelle_ray.data.shards import SHARD_SCHEMA  # noqa: E402
 
 TARGETS = {"b/a": 3.0, "c/a": 8.0, "ray/loop": 0.70, "epoch_s": 2.0, "mem": 0.20}
@@ -147,21 +147,24 @@ def timed(fn, *args) -> tuple[float, float]:
     return _rate(n, time.perf_counter() - t0), _rate(n, time.process_time() - c0)
 
 
-def bench_reference(jpegs: list[bytes], spec: MultiCropSpec, workers: int, batch: int) -> int:
-    ds = reference_dataset(jpegs, spec)
+def image_rngs(first: int, n: int) -> list[np.random.Generator]:
+    """One numpy generator per image, as the stream gives each image its own."""
+    return [np.random.default_rng((0, first + i)) for i in range(n)]
+
+
+def bench_reference(jpegs: list[bytes], aug: AugmentationConfig, workers: int, batch: int) -> int:
+    ds = reference_dataset(jpegs, aug)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
     return sum(len(b[0]) for b in loader)
 
 
-def bench_ours(jpegs: list[bytes], spec: MultiCropSpec, colour_on_cpu: bool, batch: int) -> int:
-    rng = np.random.default_rng(0)
+def bench_ours(jpegs: list[bytes], aug: AugmentationConfig, colour_on_cpu: bool, batch: int) -> int:
     n = 0
     for i in range(0, len(jpegs), batch):
         chunk = jpegs[i:i + batch]
-        out = multicrop_batch({"jpeg": chunk, "image_id": np.arange(len(chunk))}, spec, rng,
-                              colour_on_cpu=colour_on_cpu)
-        n += len(out["image_id"])
+        _, kept = multicrop_images(chunk, aug, image_rngs(i, len(chunk)), colour=colour_on_cpu)
+        n += int(kept.sum())
     return n
 
 
@@ -387,9 +390,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    spec = MultiCropSpec()
+    aug = AugmentationConfig()
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread; crops "
-          f"{list(spec.nmb_crops)} x {list(spec.size_crops)} px")
+          f"{list(aug.nmb_crops)} x {list(aug.size_crops)} px")
     with tempfile.TemporaryDirectory(prefix="gaelle-bench-") as tmp:
         t0 = time.perf_counter()
         jpegs = [photo_like_jpeg(i) for i in range(args.files)]
@@ -397,7 +400,7 @@ def main() -> None:
               f" KB, generated in {time.perf_counter() - t0:.1f}s")
         ratios: list[str] = []
         if not args.skip_micro:
-            ratios += part1(jpegs[:args.micro_images], spec, args.reps)
+            ratios += part1(jpegs[:args.micro_images], aug, args.reps)
         if not args.skip_ray:
             ratios += part2(Path(tmp), jpegs, args)
     print("---- ratios and targets")
@@ -405,7 +408,7 @@ def main() -> None:
         print(line)
 
 
-def part1(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> list[str]:
+def part1(jpegs: list[bytes], aug: AugmentationConfig, reps: int) -> list[str]:
     n = len(jpegs)
     print(f"---- part 1: one process, {n} images per variant; images per CPU second (= per "
           "core, robust to other load) and per wall second")
@@ -413,14 +416,14 @@ def part1(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> list[str]:
     # (b)'s first call compiles its colour kernels (once per process, ~50 s, ~10 s from
     # torch's on-disk cache): a one-off cost, kept out of the steady-state figure
     t0 = time.perf_counter()
-    bench_ours(jpegs[:32], spec, True, 32)
+    bench_ours(jpegs[:32], aug, True, 32)
     from gaelle_ray.data.colour_cpu import compiled_kernels_status
 
     print(f"(b) warm-up on 32 images: {time.perf_counter() - t0:.1f} s wall (compiles the colour "
           f"kernels); kernels: {compiled_kernels_status()}")
-    rows = [("(a) reference, DataLoader num_workers=0", bench_reference, (jpegs, spec, 0, 32)),
-            ("(b) ours, all augmentations on CPU", bench_ours, (jpegs, spec, True, 32)),
-            ("(c) ours, colour left to the device", bench_ours, (jpegs, spec, False, 32)),
+    rows = [("(a) reference, DataLoader num_workers=0", bench_reference, (jpegs, aug, 0, 32)),
+            ("(b) ours, all augmentations on CPU", bench_ours, (jpegs, aug, True, 32)),
+            ("(c) ours, colour left to the device", bench_ours, (jpegs, aug, False, 32)),
             ("(d) JPEG decode alone, PIL", bench_decode, (jpegs,)),
             ("(d') JPEG decode alone, torchvision", bench_decode_torchvision, (jpegs,))]
     # the variants take turns, `reps` rounds, and each reports its median round: a slow
@@ -436,27 +439,28 @@ def part1(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> list[str]:
         spread = ", ".join(f"{c:.1f}" for _, c in runs[name])
         per_cpu[name.split()[0]] = cpu
         print(f"{name:41s} {cpu:7.1f} img/CPU-s  {wall:7.1f} img/s wall  (rounds: {spread})")
-    wall, _ = timed(bench_reference, jpegs, spec, 1, 32)
+    wall, _ = timed(bench_reference, jpegs, aug, 1, 32)
     print(f"{'(a) reference, DataLoader num_workers=1':41s} {'':19s}{wall:7.1f} img/s wall "
           f"(1 worker process)  [{_load()}]")
-    colour_half(jpegs[:32], spec, reps)
+    colour_half(jpegs[:32], aug, reps)
     a, b, c, d = (per_cpu[k] for k in ("(a)", "(b)", "(c)", "(d')"))
     return [f"b/a = {b / a:5.2f}x  (target >= {TARGETS['b/a']:.0f}x: {_verdict(b / a >= TARGETS['b/a'])})",
             f"c/a = {c / a:5.2f}x  (target >= {TARGETS['c/a']:.0f}x: {_verdict(c / a >= TARGETS['c/a'])})",
             f"d'/a = {d / a:5.2f}x  (our decoder alone: the ceiling for (b) and (c))"]
 
 
-def colour_half(jpegs: list[bytes], spec: MultiCropSpec, reps: int) -> None:
+def colour_half(jpegs: list[bytes], aug: AugmentationConfig, reps: int) -> None:
     """The colour half alone on (c)'s crops of ``jpegs``: ms per image (CPU time, median of
     ``reps`` interleaved rounds) of the compiled CPU path, its eager ops and the batched
     float32 ops, same parameters, float16 output as in the stream."""
-    from gaelle_ray.data.augment import ColourAugment, ColourConfig
+    from gaelle_ray.data.colour import ColourAugment
 
-    out = multicrop_batch({"jpeg": jpegs}, spec, np.random.default_rng(1))
-    crops = [torch.from_numpy(out[f"crops_{r}"]) for r in range(len(spec.size_crops))]
+    out, _ = multicrop_images(jpegs, aug, image_rngs(1000, len(jpegs)))
+    crops = [torch.from_numpy(out[f"crops_{r}"]) for r in range(len(aug.size_crops))]
     params = [ColourAugment(seed=r).sample(x.shape[0] * x.shape[1]) for r, x in enumerate(crops)]
-    paths = {"compiled": ColourAugment(ColourConfig(), out_dtype=torch.float16),
-             "eager": ColourAugment(ColourConfig(compile_cpu=False), out_dtype=torch.float16),
+    paths = {"compiled": ColourAugment(aug, out_dtype=torch.float16),
+             "eager": ColourAugment(dataclasses.replace(aug, compile_cpu_colour=False),
+                                    out_dtype=torch.float16),
              "batched": ColourAugment(out_dtype=torch.float16, backend="batched")}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(reps):

@@ -1,8 +1,9 @@
 """Reference multi-crop pipeline, written the way SwAV-style published training code does it.
 
 This is the baseline that gaelle-ray's pipeline (``gaelle_ray.data.crops`` on the CPU plus
-the batched ``gaelle_ray.data.augment`` on the device) is benchmarked against. It follows
-method.md section 1 literally, one image and one crop at a time, on PIL images:
+the batched ``gaelle_ray.data.colour`` on the device) is benchmarked against. It follows
+method.md section 1 literally, one image and one crop at a time, on PIL images (the colour
+settings written out as published, on purpose: a baseline independent of our code):
 
     per image: decode with PIL, convert to RGB
     per crop:  RandomResizedCrop(size, scale) -> RandomHorizontalFlip()
@@ -10,7 +11,7 @@ method.md section 1 literally, one image and one crop at a time, on PIL images:
                -> Gaussian blur (PIL, radius uniform in [0.1, 2.0]) with p=0.5
                -> ToTensor() -> Normalize(mean, std)
 
-``reference_dataset(jpegs, spec)[i]`` returns the list of ``spec.total_crops`` float tensors
+``reference_dataset(jpegs, aug)[i]`` returns the list of ``aug.num_crops`` float tensors
 (3, S, S) of image i, global crops first. With a ``torch.utils.data.DataLoader`` and the
 default collate, a batch is a list of (B, 3, S, S) tensors, one per crop, as in SwAV.
 Randomness comes from ``random`` and torch's global RNG, as in the published code.
@@ -26,8 +27,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
-from gaelle_ray.data.augment import MEAN, STD
-from gaelle_ray.data.crops import MultiCropSpec
+from gaelle_ray.config import MEAN, STD, AugmentationConfig
 
 __all__ = ["PILRandomGaussianBlur", "ReferenceMultiCropDataset", "colour_distortion",
            "crop_transform", "reference_dataset"]
@@ -71,15 +71,16 @@ def crop_transform(size: int, scale: tuple[float, float],
 class ReferenceMultiCropDataset(torch.utils.data.Dataset):
     """A dataset over in-memory JPEG bytes that returns every crop of an image.
 
-    ``jpegs``: sequence of encoded images. Item i: list of ``spec.total_crops`` tensors,
-    each (3, S_r, S_r) float32, in spec order (global crops first).
+    ``jpegs``: sequence of encoded images; ``aug``: the crop geometry (sizes, counts, scales,
+    ratio). Item i: list of ``aug.num_crops`` tensors, each (3, S_r, S_r) float32, global
+    crops first.
     """
 
-    def __init__(self, jpegs: Sequence[bytes], spec: MultiCropSpec) -> None:
+    def __init__(self, jpegs: Sequence[bytes], aug: AugmentationConfig) -> None:
         self.jpegs = jpegs
-        self.spec = spec
-        self.transforms = [crop_transform(size, scale, tuple(spec.ratio))
-                           for size, scale in zip(spec.crop_sizes(), spec.crop_scales())]
+        self.aug = aug
+        self.transforms = [crop_transform(size, scale, tuple(aug.ratio))
+                           for size, scale in zip(aug.crop_sizes(), aug.crop_scales())]
 
     def __len__(self) -> int:
         return len(self.jpegs)
@@ -91,6 +92,6 @@ class ReferenceMultiCropDataset(torch.utils.data.Dataset):
 
 
 def reference_dataset(jpegs: Sequence[bytes],
-                      spec: MultiCropSpec | None = None) -> ReferenceMultiCropDataset:
-    """The reference pipeline over ``jpegs`` (method.md section 1 crops when spec is None)."""
-    return ReferenceMultiCropDataset(jpegs, MultiCropSpec() if spec is None else spec)
+                      aug: AugmentationConfig | None = None) -> ReferenceMultiCropDataset:
+    """The reference pipeline over ``jpegs`` (method.md section 1 crops when aug is None)."""
+    return ReferenceMultiCropDataset(jpegs, AugmentationConfig() if aug is None else aug)

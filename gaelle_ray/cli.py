@@ -39,7 +39,7 @@ def _make_toy(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from gaelle_ray.data.shards import prepare_from_source
+    from gaelle_ray.data.prepare import prepare_from_source
 
     if args.kind != "toy" and not args.root:
         raise ValueError(f"gaelle prepare {args.kind} needs --root (the downloaded data set)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,33 @@ class DataConfig:
     prefetch_batches: int = 2  # batches prefetched per training worker
 
 
+MEAN = (0.485, 0.456, 0.406)  # per-channel normalisation of the crops (augmentation.mean default)
+STD = (0.228, 0.224, 0.225)  # 0.228, not ImageNet's 0.229: what the published runs used
+
+_AUG_LISTS = ("size_crops", "nmb_crops", "min_scale_crops", "max_scale_crops", "ratio",
+              "blur_sigma", "mean", "std")
+_AUG_LENGTHS = {"ratio": 2, "blur_sigma": 2, "mean": 3, "std": 3}
+_AUG_INTS = ("size_crops", "nmb_crops")
+_AUG_NUMBERS = ("min_scale_crops", "max_scale_crops", "ratio", "blur_sigma", "mean", "std")
+_AUG_SCALARS = ("jitter_p", "brightness", "contrast", "saturation", "hue", "grayscale_p", "blur_p")
+
+
 @dataclass(frozen=True)
 class AugmentationConfig:
-    """Multi-crop views of method.md section 1."""
+    """Multi-crop views of method.md section 1: the one home of their settings and checks.
+
+    Crops, per resolution r (the four crop lists have one entry per resolution, the first
+    being the global crops): ``nmb_crops[r]`` crops of ``size_crops[r]`` pixels, each covering
+    a fraction of the image area uniform in ``[min_scale_crops[r], max_scale_crops[r]]`` with
+    aspect ratio (w/h) log-uniform in ``ratio``, flipped with probability 0.5.
+    Colour, per crop: with probability ``jitter_p`` the four jitter ops in a random order
+    (brightness, contrast, saturation: factor uniform in ``[max(0, 1 - s), 1 + s]``; hue:
+    shift uniform in ``[-hue, hue]`` turns), grayscale with ``grayscale_p``, Gaussian blur
+    with ``blur_p`` and sigma uniform in ``blur_sigma``, then normalise with ``mean`` / ``std``.
+
+    Every value is checked on construction: ValueError naming the key
+    (``augmentation.<name>: ...``). Lists are stored as tuples (hashable, immutable).
+    """
 
     size_crops: tuple[int, ...] = (224, 96)
     nmb_crops: tuple[int, ...] = (2, 6)
@@ -59,10 +84,98 @@ class AugmentationConfig:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.228, 0.224, 0.225)
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
     colour_on_device: bool = True  # colour ops on the training worker's device, else in the stream
     compile_cpu_colour: bool = True  # colour ops on a CPU run as torch.compile'd kernels
+
+    def __post_init__(self) -> None:
+        for name in _AUG_LISTS:
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                _aug_fail(name, f"must be a list, got {value!r}")
+            value = tuple(value)
+            if name in _AUG_LENGTHS and len(value) != _AUG_LENGTHS[name]:
+                _aug_fail(name, f"expected a list of {_AUG_LENGTHS[name]} values, got {list(value)!r}")
+            for i, item in enumerate(value):
+                if name in _AUG_INTS and (isinstance(item, bool) or not isinstance(item, numbers.Integral)):
+                    _aug_fail(f"{name}[{i}]", f"expected an integer, got {item!r}")
+                if name in _AUG_NUMBERS and not _is_number(item):
+                    _aug_fail(f"{name}[{i}]", f"expected a number, got {item!r}")
+            if name in _AUG_NUMBERS:
+                value = tuple(float(v) for v in value)
+            object.__setattr__(self, name, value)
+        for name in _AUG_SCALARS:
+            if not _is_number(getattr(self, name)):
+                _aug_fail(name, f"expected a number, got {getattr(self, name)!r}")
+        for name in ("colour_on_device", "compile_cpu_colour"):
+            if not isinstance(getattr(self, name), bool):
+                _aug_fail(name, f"expected true or false, got {getattr(self, name)!r}")
+        self._check_crops()
+        self._check_colour()
+
+    def _check_crops(self) -> None:
+        lists = ("size_crops", "nmb_crops", "min_scale_crops", "max_scale_crops")
+        lengths = {name: len(getattr(self, name)) for name in lists}
+        if len(set(lengths.values())) != 1:
+            _aug_fail("size_crops", "size_crops, nmb_crops, min_scale_crops and max_scale_crops "
+                      f"must have the same length, got {lengths}")
+        if lengths["size_crops"] == 0:
+            _aug_fail("size_crops", "needs at least one crop resolution")
+        for name in lists:
+            value = getattr(self, name)
+            if min(value) <= 0:
+                _aug_fail(name, f"must be > 0, got {list(value)!r}")
+        for i, (lo, hi) in enumerate(zip(self.min_scale_crops, self.max_scale_crops)):
+            if hi > 1.0:
+                _aug_fail("max_scale_crops", f"[{i}] must be <= 1, got {hi}")
+            if lo > hi:
+                _aug_fail("min_scale_crops", f"[{i}] = {lo} is larger than max_scale_crops[{i}] = {hi}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            _aug_fail("ratio", f"must be 0 < low <= high, got {list(self.ratio)}")
+
+    def _check_colour(self) -> None:
+        for name in ("jitter_p", "grayscale_p", "blur_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _aug_fail(name, f"must be a probability in [0, 1], got {getattr(self, name)!r}")
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            if getattr(self, name) < 0:
+                _aug_fail(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.hue > 0.5:
+            _aug_fail("hue", f"must be <= 0.5, got {self.hue}")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            _aug_fail("blur_sigma", f"must be 0 < low <= high, got {list(self.blur_sigma)}")
+        if min(self.std) <= 0:
+            _aug_fail("std", f"must be > 0, got {list(self.std)!r}")
+
+    @property
+    def num_crops(self) -> int:
+        """V: crops per image, all resolutions together (what the stream makes and the losses
+        expect)."""
+        return int(sum(self.nmb_crops))
+
+    @property
+    def num_global_crops(self) -> int:
+        """Vg: crops of the first resolution, the global crops."""
+        return int(self.nmb_crops[0])
+
+    def crop_sizes(self) -> list[int]:
+        """Output size of every crop in order, e.g. [224, 224, 96, 96, 96, 96, 96, 96]."""
+        return [int(s) for s, n in zip(self.size_crops, self.nmb_crops) for _ in range(n)]
+
+    def crop_scales(self) -> list[tuple[float, float]]:
+        """Area-fraction range (min, max) of every crop in order."""
+        return [(lo, hi) for lo, hi, n in zip(self.min_scale_crops, self.max_scale_crops, self.nmb_crops)
+                for _ in range(n)]
+
+
+def _aug_fail(key: str, message: str) -> None:
+    raise ValueError(f"augmentation.{key}: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -137,6 +250,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     collapse_window_epochs: int = 5
     collapse_action: str = "warn"  # warn | stop
+    collapse_min_map_gain: float = 0.005  # online mAP this close to its baseline for the window: collapse
 
 
 @dataclass(frozen=True)
@@ -157,6 +271,18 @@ class EvalConfig:
     resize_size: int = 256
     num_workers: int = 1
     allow_overlap: bool = False
+    # online evaluation during pretraining (a weighted k-NN multi-label probe on the pooled
+    # backbone features, optionally also the fast linear probe on the same features)
+    online_every_epochs: int = 0  # 0 = off; else every N epochs and once before the first step
+    online_data: str = ""  # labelled shards ("" = eval.data, else data.shards)
+    online_bank_split: str = ""  # the memory bank: a labelled subset of the training split ("" = eval.train_split)
+    online_bank_images: int = 10000  # first N images of that split (0 = all)
+    online_query_split: str = ""  # the queries: a held-out split, not pretrained on ("" = eval.test_split)
+    online_query_images: int = 0  # first N images of that split (0 = all)
+    online_knn_k: int = 20
+    online_knn_temperature: float = 0.07
+    online_linear: bool = False  # also the fast linear probe (eval.* settings) on the same features
+    online_cache_mb: int = 1024  # per worker: decoded evaluation images kept in memory up to this size
 
 
 @dataclass(frozen=True)
@@ -220,14 +346,6 @@ class Config:
         return build_config(raw, "<overrides>")
 
     # -- derived quantities ----------------------------------------------------------
-
-    @property
-    def num_crops(self) -> int:
-        return sum(self.augmentation.nmb_crops)
-
-    @property
-    def num_global_crops(self) -> int:
-        return self.augmentation.nmb_crops[0]
 
     @property
     def num_slots(self) -> int:
@@ -353,7 +471,10 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], source: str)
     for key, value in values.items():
         _check_known(str(key), fields, source, f"key in section {name!r}", prefix=f"{name}.")
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section that checks its own values (AugmentationConfig)
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -412,39 +533,11 @@ def validate(config: Config, source: str = "<config>") -> None:
                 if item < 0 or (item == 0 and not allow_zero):
                     fail(f"{section}.{name}", f"must be {'>= 0' if allow_zero else '> 0'}, got {_plain(v)!r}")
 
-    def probability(section: str, *names: str) -> None:
-        values = getattr(config, section)
-        for name in names:
-            v = getattr(values, name)
-            if not 0.0 <= v <= 1.0:
-                fail(f"{section}.{name}", f"must be a probability in [0, 1], got {v!r}")
-
     aug, model, loss, optim, queue, train = (
         config.augmentation, config.model, config.loss, config.optim, config.queue, config.train)
 
-    # augmentation
-    lists = ("size_crops", "nmb_crops", "min_scale_crops", "max_scale_crops")
-    lengths = {name: len(getattr(aug, name)) for name in lists}
-    if len(set(lengths.values())) != 1:
-        fail("augmentation.size_crops", "size_crops, nmb_crops, min_scale_crops and max_scale_crops "
-             f"must have the same length, got {lengths}")
-    if lengths["size_crops"] == 0:
-        fail("augmentation.size_crops", "needs at least one crop resolution")
-    positive("augmentation", "size_crops", "nmb_crops", "min_scale_crops", "max_scale_crops")
-    for i, (lo, hi) in enumerate(zip(aug.min_scale_crops, aug.max_scale_crops)):
-        if hi > 1.0:
-            fail("augmentation.max_scale_crops", f"[{i}] must be <= 1, got {hi}")
-        if lo > hi:
-            fail("augmentation.min_scale_crops", f"[{i}] = {lo} is larger than max_scale_crops[{i}] = {hi}")
-    if not 0 < aug.ratio[0] <= aug.ratio[1]:
-        fail("augmentation.ratio", f"must be 0 < low <= high, got {list(aug.ratio)}")
-    probability("augmentation", "jitter_p", "grayscale_p", "blur_p")
-    positive("augmentation", "brightness", "contrast", "saturation", "hue", allow_zero=True)
-    if aug.hue > 0.5:
-        fail("augmentation.hue", f"must be <= 0.5, got {aug.hue}")
-    if not 0 < aug.blur_sigma[0] <= aug.blur_sigma[1]:
-        fail("augmentation.blur_sigma", f"must be 0 < low <= high, got {list(aug.blur_sigma)}")
-    positive("augmentation", "std")
+    # augmentation: AugmentationConfig checks its own values when built; its global-crop
+    # count is checked with the loss below
 
     # model
     if model.arch not in ARCHS:
@@ -460,7 +553,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     positive("loss", "weight_global", "weight_local", "weight_l2g", allow_zero=True)
     if loss.weight_global + loss.weight_local + loss.weight_l2g <= 0:
         fail("loss.weight_global", "at least one loss weight must be > 0")
-    n_global = aug.nmb_crops[0]
+    n_global = aug.num_global_crops
     if n_global < 2:
         fail("augmentation.nmb_crops", f"needs at least 2 global crops (nmb_crops[0]) for the swapped "
              f"and local losses, got {n_global}")
@@ -517,6 +610,10 @@ def validate(config: Config, source: str = "<config>") -> None:
     positive("eval", "weight_decay", "grad_clip", "momentum", allow_zero=True)
     if ev.resize_size < ev.image_size:
         fail("eval.resize_size", f"= {ev.resize_size} is smaller than eval.image_size = {ev.image_size}")
+    positive("eval", "online_every_epochs", "online_bank_images", "online_query_images", "online_cache_mb",
+             allow_zero=True)
+    positive("eval", "online_knn_k", "online_knn_temperature")
+    positive("train", "collapse_min_map_gain", allow_zero=True)
     positive("ray", "num_cpus_per_worker")
     if not config.tracking.experiment:
         fail("tracking.experiment", "must not be empty")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gaelle_ray.data.augment import MEAN, STD
+from gaelle_ray.config import MEAN, STD
 from gaelle_ray.model.backbone import feature_map
 
 __all__ = [
@@ -140,6 +140,37 @@ def plot_loss_curves(history: Sequence[Mapping[str, Any]],
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
+    return fig
+
+
+def plot_online_map(history: Sequence[Mapping[str, Any]], baseline: float | None,
+                    title: str = "online evaluation during pretraining") -> Figure:
+    """The online k-NN mAP (and the online linear-probe mAP when recorded) against the
+    number of epochs trained, with the random-initialisation baseline at 0 epochs.
+
+    history: one dict per epoch (a checkpoint's `history`); the epochs that were evaluated
+    hold `online_map` (and maybe `online_linear_map`). baseline: the online mAP before the
+    first step, or None. Raises ValueError when nothing was evaluated.
+    """
+    rows = [r for r in history if "online_map" in r and r.get("online_map_epoch", r["epoch"]) == r["epoch"]]
+    if not rows and baseline is None:
+        raise ValueError("plot_online_map: no online evaluation in the history")
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots(1, 1)
+    for key, label, colour in (("online_map", "k-NN mAP", "tab:blue"), ("online_linear_map", "linear mAP", "tab:green")):
+        xs = [float(r["epoch"]) + 1 for r in rows if key in r and math.isfinite(r[key])]
+        ys = [100 * float(r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if key == "online_map" and baseline is not None:
+            xs, ys = [0.0] + xs, [100 * baseline] + ys
+        if xs:
+            ax.plot(xs, ys, marker="o", color=colour, label=label)
+    if baseline is not None:
+        ax.axhline(100 * baseline, color="grey", ls=":", lw=1, label=f"random init {100 * baseline:.1f}")
+    ax.set_xlabel("epochs trained")
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gaelle_ray import tracking
-from gaelle_ray.data.shards import prepare_toy
+from gaelle_ray.data.prepare import prepare_toy
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,1 +1,2 @@
-"""Data: demo set generation, source readers, Parquet shards, and the Ray Data pipeline."""
+"""Data: demo set, source readers, Parquet shards and preparing them, the multi-crop views
+and their colour augmentation, and the Ray Data pipeline."""

@@ -1,18 +1,18 @@
 """The colour half of the augmentation on one CPU core: :func:`apply_colour_cpu`.
 
-Same parameters and same function as the batched :func:`gaelle_ray.data.augment.apply_colour`
-(tested equal within float32 rounding); what differs is how the work is laid out for a CPU
-(see :func:`apply_colour_cpu`). By default (``ColourConfig.compile_cpu``) it runs as six
-``torch.compile``'d kernels: one per group of crops that shift the hue at the same step of
-their random jitter order (or have no jitter), each doing the whole programme (gather, four
-jitter steps, grayscale, normalisation, scatter) in fused passes, and a separable blur. On
-the 2-core development machine that is 2.4-2.6 ms per image of 2 x 224 + 6 x 96 crops
-against 4.2-4.4 ms for the eager ops (docs/benchmarks.md). Compiling costs each process
-~50 s with an empty torch cache and ~10 s once torch's on-disk cache holds the kernels (one
-graph per kernel and input dtype: index tensors are never views or single, and shapes are
-traced without duck sizing, so no recompiles); it needs a C++ compiler. Where compiling
-fails (no compiler, unsupported platform) the eager ops run instead, with one warning
-naming the reason: the result is the same, only slower.
+Same parameters and same function as the batched
+:func:`gaelle_ray.data.colour_ops.apply_colour` (tested equal within float32 rounding); what
+differs is how the work is laid out for a CPU (see :func:`apply_colour_cpu`). By default
+(``augmentation.compile_cpu_colour``) it runs as six ``torch.compile``'d kernels: one per
+group of crops that shift the hue at the same step of their random jitter order (or have no
+jitter), each doing the whole programme (gather, four jitter steps, grayscale,
+normalisation, scatter) in fused passes, and a separable blur. Fused passes are what make
+it faster than the eager ops on a CPU (figures: docs/benchmarks.md). Each process compiles
+the kernels on first use (torch's on-disk cache makes later processes cheaper; one graph per
+kernel and input dtype: index tensors are never views or single, and shapes are traced
+without duck sizing, so no recompiles); it needs a C++ compiler. Where compiling fails (no
+compiler, unsupported platform) the eager ops run instead, with one warning naming the
+reason: the result is the same, only slower.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from gaelle_ray.data.augment import (_LUMA, BRIGHTNESS, CONTRAST, HUE, SATURATION, ColourConfig,
-                                     ColourParams, _apply_on_subset, _check_blur_size,
-                                     gaussian_kernels, luminance, rgb_to_grayscale)
+from gaelle_ray.config import AugmentationConfig
+from gaelle_ray.data.colour_ops import (BRIGHTNESS, CONTRAST, HUE, LUMA, SATURATION, ColourParams,
+                                        apply_on_subset, blur_kernel_size, check_blur_size,
+                                        gaussian_kernels, luminance, rgb_to_grayscale)
 
 __all__ = ["apply_colour_cpu", "compiled_kernels_status"]
 
@@ -47,7 +48,7 @@ def _brightness_255(y: torch.Tensor, f: torch.Tensor) -> None:
 
 def _contrast_255(y: torch.Tensor, f: torch.Tensor) -> None:
     """Blend with the mean luma; the mean of the luma is the luma of the channel means."""
-    luma = torch.tensor(_LUMA, dtype=y.dtype)  # (3,)
+    luma = torch.tensor(LUMA, dtype=y.dtype)  # (3,)
     mean = (y.mean(dim=(2, 3)) @ luma).view(-1, 1, 1, 1)  # (n, 1, 1, 1)
     y.mul_(f).add_(mean * (1.0 - f)).clamp_(0.0, 255.0)
 
@@ -59,10 +60,10 @@ def _saturation_255(y: torch.Tensor, f: torch.Tensor) -> None:
 
 
 def _hue_255(y: torch.Tensor, shift: torch.Tensor) -> None:
-    """``augment.adjust_hue`` without ``torch.where``/``remainder`` (slow on CPU), in place.
+    """``colour_ops.adjust_hue`` without ``torch.where``/``remainder`` (slow on CPU), in place.
 
     The maximal channel is picked with float 0/1 masks and ``lerp`` (R wins ties, then G,
-    as in ``augment._rgb_to_vch6``); the hue is wrapped to [0, 6) with ``floor``. Works on any
+    as in ``colour_ops.adjust_hue``); the hue is wrapped to [0, 6) with ``floor``. Works on any
     value scale (here [0, 255]); shift: (n, 1, 1) in turns.
     """
     r, g, b = y.unbind(dim=1)  # each (n, H, W)
@@ -83,12 +84,12 @@ def _hue_255(y: torch.Tensor, shift: torch.Tensor) -> None:
 
 
 def _blur_channels_last(y: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """``augment.gaussian_blur`` with the padded image in channels-last layout before the two
-    depthwise convolutions (3-4x faster with oneDNN on CPU): same kernels and padding,
-    except that taps below 1e-30 are set to 0 (denormals: no visible change, 5x faster)."""
+    """``colour_ops.gaussian_blur`` with the padded image in channels-last layout before the
+    two depthwise convolutions (oneDNN's fast layout on CPU): same kernels and padding,
+    except that taps below 1e-30 are set to 0 (denormals: no visible change, much faster)."""
     n, c, h, w = y.shape
     pad = kernel_size // 2
-    _check_blur_size(h, w, kernel_size)
+    check_blur_size(h, w, kernel_size)
     kernels = _blur_kernels(sigma, kernel_size).to(y.dtype).repeat_interleave(c, dim=0)  # (n*c, k)
     z = F.pad(y, (pad, pad, pad, pad), mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
     z = z.contiguous(memory_format=torch.channels_last)
@@ -111,7 +112,7 @@ _EAGER_JITTER = {BRIGHTNESS: _brightness_255, CONTRAST: _contrast_255,
 
 def _luma_255(y: torch.Tensor) -> torch.Tensor:
     """(n, 3, H, W) -> (n, 1, H, W)."""
-    return (y[:, 0] * _LUMA[0] + y[:, 1] * _LUMA[1] + y[:, 2] * _LUMA[2]).unsqueeze(1)
+    return (y[:, 0] * LUMA[0] + y[:, 1] * LUMA[1] + y[:, 2] * LUMA[2]).unsqueeze(1)
 
 
 def _hue_expr(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -263,12 +264,12 @@ def _kernel_indices(idx: torch.Tensor) -> torch.Tensor:
 
 def _blur_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(m,) -> (m, k) float32 taps, those below 1e-30 set to 0 (denormals: no visible change,
-    but every multiply-add on them is ~10x slower on x86)."""
+    but every multiply-add on them is much slower on x86)."""
     kernels = gaussian_kernels(sigma.to(torch.float32), kernel_size)
     return kernels.masked_fill(kernels < 1e-30, 0.0)
 
 
-def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
+def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: AugmentationConfig,
                     out: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
     """The compiled path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W).
 
@@ -278,7 +279,7 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
     batched path, which blurs first).
     """
     n, _, h, w = x.shape
-    ks = cfg.kernel_size
+    ks = blur_kernel_size(cfg)
     factors = torch.stack([params.factor(op) for op in range(4)], dim=1).to(torch.float32)
     factors = factors.gather(1, params.order)  # (N, 4): the factor of the op at each step
     hue_step = torch.where(params.jitter, (params.order == HUE).to(torch.int64).argmax(dim=1),
@@ -296,7 +297,7 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
         out[start:stop].copy_(y[:stop - start])  # cast to the output dtype
         blurred = params.blur[start:stop].nonzero().view(-1)  # (b,)
         if blurred.numel():
-            _check_blur_size(h, w, ks)
+            check_blur_size(h, w, ks)
             idx = _kernel_indices(blurred)
             z = F.pad(y.index_select(0, idx), (ks // 2,) * 4, mode="reflect")
             smooth = _BLUR_KERNEL(z, _blur_kernels(params.sigma[idx + start], ks), ks)
@@ -305,7 +306,7 @@ def _apply_compiled(x: torch.Tensor, params: ColourParams, cfg: ColourConfig,
 
 
 def _eager_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys: list[int],
-                 cfg: ColourConfig, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+                 cfg: AugmentationConfig, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Eager path: samples ``idx`` of x, sorted by jitter programme ``keys`` -> normalised
     float32 (n, 3, H, W)."""
     y = x.index_select(0, idx).to(torch.float32)  # (n, 3, H, W) on the [0, 255] scale
@@ -321,14 +322,14 @@ def _eager_chunk(x: torch.Tensor, params: ColourParams, idx: torch.Tensor, keys:
                 f = params.factor(op)[members].to(torch.float32)
                 _EAGER_JITTER[op](run, f.view(-1, 1, 1) if op == HUE else f.view(-1, 1, 1, 1))
         start = stop
-    _apply_on_subset(y, params.grayscale[idx], rgb_to_grayscale)
-    ks = cfg.kernel_size
-    _apply_on_subset(y, params.blur[idx], lambda t, s: _blur_channels_last(t, s, ks),
+    apply_on_subset(y, params.grayscale[idx], rgb_to_grayscale)
+    ks = blur_kernel_size(cfg)
+    apply_on_subset(y, params.blur[idx], lambda t, s: _blur_channels_last(t, s, ks),
                      params.sigma[idx])
     return y.mul_(scale).sub_(offset)
 
 
-def _apply_eager(x: torch.Tensor, params: ColourParams, cfg: ColourConfig, out: torch.Tensor,
+def _apply_eager(x: torch.Tensor, params: ColourParams, cfg: AugmentationConfig, out: torch.Tensor,
                  scale: torch.Tensor, offset: torch.Tensor) -> None:
     """The eager path of :func:`apply_colour_cpu`, writing ``out`` (N, 3, H, W)."""
     _, _, h, w = x.shape
@@ -340,36 +341,37 @@ def _apply_eager(x: torch.Tensor, params: ColourParams, cfg: ColourConfig, out: 
         idx = order[start:start + chunk]
         y = _eager_chunk(x, params, idx, sorted_keys[start:start + chunk], cfg, scale, offset)
         for j, i in enumerate(idx.tolist()):  # per-sample copies (with the cast): index_copy_
-            out[i].copy_(y[j])                 # is ~3x slower for float16 on CPU
+            out[i].copy_(y[j])                 # is slower for float16 on CPU
 
 
-def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | None = None,
+def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: AugmentationConfig | None = None,
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``augment.apply_colour`` restructured for one CPU core: same parameters, same function.
+    """``colour_ops.apply_colour`` restructured for one CPU core: same parameters, same function.
 
     x: (N, 3, H, W) uint8 (or float in [0, 1]) on the CPU -> (N, 3, H, W) normalised
     ``out_dtype``. What differs from the batched path is only how the work is laid out.
     Both paths below work in chunks of ~2^19 pixels, in float32 on the [0, 255] scale (the
     division by 255 is folded into the normalisation), take the contrast mean as the luma of
     the channel means (equal up to rounding) and zero the blur's kernel taps below 1e-30
-    (denormal arithmetic is ~10x slower on x86; the float32 path pays it for sigma < ~0.5).
+    (denormal arithmetic is much slower on x86; the float32 path meets it for sigma < ~0.5).
 
-    - Compiled (``cfg.compile_cpu``, the default): per chunk, one ``torch.compile``'d call
-      per group of samples that shift the hue at the same step (or have no jitter), doing
-      the whole programme in fused passes (see ``_group_programme``), then one compiled
-      separable blur (k shifted multiply-adds per axis) of the chunk's blurred samples.
-    - Eager (``compile_cpu=False``, or after a failed compile): samples sorted by jitter
-      programme (op order; no jitter is a programme of its own); each run of samples with
-      the same programme applies its ops in order on a slice, in place; hue is
-      ``augment.adjust_hue``'s formula with 0/1 masks and ``lerp`` instead of
-      ``torch.where`` and ``floor`` instead of ``remainder`` (several times cheaper on CPU);
-      the blur pads into a channels-last tensor before the depthwise convolutions (3-4x
-      faster with oneDNN than channels-first).
+    - Compiled (``cfg.compile_cpu_colour``, the default): per chunk, one ``torch.compile``'d
+      call per group of samples that shift the hue at the same step (or have no jitter),
+      doing the whole programme in fused passes (see ``_group_programme``), then one
+      compiled separable blur (k shifted multiply-adds per axis) of the chunk's blurred
+      samples.
+    - Eager (``compile_cpu_colour=False``, or after a failed compile): samples sorted by
+      jitter programme (op order; no jitter is a programme of its own); each run of samples
+      with the same programme applies its ops in order on a slice, in place; hue is
+      ``colour_ops.adjust_hue``'s formula with 0/1 masks and ``lerp`` instead of
+      ``torch.where`` and ``floor`` instead of ``remainder`` (both slow on CPU); the blur
+      pads into a channels-last tensor before the depthwise convolutions (oneDNN's fast
+      layout).
 
-    Tested equal to ``augment.apply_colour`` within float32 rounding (max abs difference
+    Tested equal to ``colour_ops.apply_colour`` within float32 rounding (max abs difference
     < 1e-4 in normalised units, i.e. < 0.01 grey level) before the cast to ``out_dtype``.
     """
-    cfg = ColourConfig() if cfg is None else cfg
+    cfg = AugmentationConfig() if cfg is None else cfg
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
     if len(params) != x.shape[0]:
@@ -385,7 +387,7 @@ def apply_colour_cpu(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | 
     std = torch.tensor(cfg.std, dtype=torch.float32)
     scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).clone()  # (1, 3, 1, 1), not a view
     offset = (torch.tensor(cfg.mean, dtype=torch.float32) / std).view(1, 3, 1, 1).clone()
-    if cfg.compile_cpu and _compiled_path_usable():
+    if cfg.compile_cpu_colour and _compiled_path_usable():
         try:
             _apply_compiled(x, params, cfg, out, scale, offset)
             return out

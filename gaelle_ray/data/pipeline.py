@@ -4,9 +4,8 @@ This is the only module of :mod:`gaelle_ray.data` that imports Ray.
 
 Shape of the stream
 -------------------
-Ray Data has a large fixed cost per execution (6-13 s before the first batch of a bare read
-on 2 cores), so the stream is built ONCE for all the epochs of a run instead of being
-re-executed every epoch:
+Ray Data has a large fixed cost per execution (start-up before the first batch), so the
+stream is built ONCE for all the epochs of a run instead of being re-executed every epoch:
 
 1. *Work items.* The rows of the split (``data.split`` of the shards at ``data.shards``, the
    first ``data.max_images`` of them when > 0, in manifest order) are cut into items of at
@@ -15,24 +14,25 @@ re-executed every epoch:
    epoch after epoch, the items of epoch ``e`` in a random order seeded by
    ``(train.seed, e)``. Ray Data consumes input blocks in order, so items reach the crop
    stage in epoch order (only the tasks in flight can finish out of order). Each input
-   block costs the driver ~1 ms and a few KB for as long as the stream lives (``ray.put``
-   and metadata; 20k blocks measured on a 2-core machine: 1.1 ms, ~0.7 KB of object store
-   and ~4.5 KB of driver memory each), so the rows go into at most
+   block costs the driver time and memory for as long as the stream lives (``ray.put`` and
+   metadata; figures in docs/benchmarks.md), so the rows go into at most
    :data:`MAX_INPUT_BLOCKS` (8192) blocks of consecutive rows: one item per block, i.e. one
    crop task per item, up to 8192 item-epochs (the 2000-image demo has 320); beyond that
    ``ceil(rows / 8192)`` items per block and task (400 COCO epochs at 128 rows per item:
-   370k item-epochs in 8192 blocks of 45-46 items, instead of 370k blocks, ~7 min and
-   ~1.9 GB of driver memory). A task works through its items one after the other and its
-   output leaves it in blocks as it goes, so only the window of items in flight (tasks
-   running x items per task) can arrive out of order; with many items per task that window
-   can span an epoch boundary or two (each image is still used once per stream-epoch).
+   370k item-epochs in 8192 blocks of 45-46 items instead of 370k blocks, which would hold
+   the driver for minutes and gigabytes). A task works through its items one after the
+   other and its output leaves it in blocks as it goes, so only the window of items in
+   flight (tasks running x items per task) can arrive out of order; with many items per
+   task that window can span an epoch boundary or two (each image is still used once per
+   stream-epoch).
 3. *Crop stage.* ``map_batches(crop_items, batch_size=1, num_cpus=data.crop_cpus)``: each
    task (one per input block) reads each item's rows from the Parquet shard with pyarrow (through
    ``pyarrow.fs``, so local paths, ``s3://`` and ``gs://`` all work; only the row groups
    that hold the rows are read), shuffles them with an rng seeded by
    ``(seed, epoch, shard, start)``, decodes and crops every image with an rng seeded by
    ``(seed, epoch, image_id)`` (so an image's crops in an epoch do not depend on scheduling,
-   item size or worker count), drops undecodable rows and outputs one row per image:
+   item size or worker count) through :func:`gaelle_ray.data.crops.multicrop_images`,
+   drops undecodable rows and outputs one row per image:
 
    - ``crops_{r}``: uint8 (n_r, 3, S_r, S_r) per resolution r (per batch: (B, n_r, 3, S, S));
      when ``augmentation.colour_on_device`` is false, the colour half (jitter, grayscale,
@@ -78,16 +78,15 @@ and for throughput ``C - W * c`` should hold as many crop tasks as needed to kee
 and the stream has no separate read tasks, so nothing else needs reserving. When the rule is broken
 the crop tasks stay pending forever while the train workers wait for their first batch: a
 deadlock, not an error (a local instance with ``num_cpus=2`` and two 1-CPU train workers is
-the classic case). :func:`check_cpu_budget` raises ValueError for it; call it before
-``trainer.fit()``.
+the classic case). ``gaelle_ray.ray_setup.check_cpu_budget`` raises ValueError for it;
+call it before ``trainer.fit()``.
 
-Why not ``DataContext.execution_options.resource_limits`` / ``exclude_resources``: they
-only cap what Ray Data *asks* for; they cannot create free CPUs, so they do not prevent the
-deadlock. In Ray 2.60 Ray Train already reserves its workers' resources through the
-autoscaling coordinator and Ray Data's budget is what is left, so also setting
-``exclude_resources`` to the training CPUs would subtract them twice. The stream therefore
-sets no resource limits; ``data.read_parallelism`` > 0 caps the number of concurrent crop
-tasks (0 lets Ray Data decide).
+The stream sets no ``DataContext.execution_options.resource_limits`` /
+``exclude_resources``: they only cap what Ray Data *asks* for and cannot create free CPUs,
+so they do not prevent the deadlock; and Ray Train (2.60) already reserves its workers'
+resources through the autoscaling coordinator, leaving Ray Data what is left, so excluding
+the training CPUs again would subtract them twice. ``data.read_parallelism`` > 0 caps the
+number of concurrent crop tasks (0 lets Ray Data decide).
 """
 
 from __future__ import annotations
@@ -95,7 +94,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
@@ -107,9 +105,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from gaelle_ray.data.augment import ColourAugment, ColourConfig, ColourParams, sample_colour_params
-from gaelle_ray.data.crops import DecodeError, DecodeOptions, MultiCropSpec, decode_and_crop
-from gaelle_ray.data.shards import read_manifest
+from gaelle_ray import storage
+from gaelle_ray.config import AugmentationConfig
+from gaelle_ray.data.crops import DecodeOptions, multicrop_images
+from gaelle_ray.data.shards import read_manifest, shard_uri
 
 __all__ = [
     "DEFAULT_ROWS_PER_ITEM",
@@ -119,15 +118,12 @@ __all__ = [
     "StreamPlan",
     "WorkItem",
     "build_pretrain_stream",
-    "check_cpu_budget",
-    "colour_config",
     "count_rows",
     "crop_item",
     "crop_items",
     "epoch_batches",
     "epoch_item_order",
     "input_blocks",
-    "multicrop_spec",
     "plan_items",
     "read_rows",
     "split_shards",
@@ -138,7 +134,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROWS_PER_ITEM = 128  # rows per work item: the shards' default row group size
-MAX_INPUT_BLOCKS = 8192  # input blocks of a stream (~1 ms and a few KB of driver each)
+MAX_INPUT_BLOCKS = 8192  # input blocks of a stream (each costs the driver while the stream lives)
 
 # Domain tags mixed into the seeds so that the three random streams never coincide.
 _TAG_ORDER, _TAG_ROWS, _TAG_CROP = 0x0D3E, 0x5A0F, 0xC409
@@ -154,16 +150,6 @@ def _seed(*values: int) -> np.random.SeedSequence:
 # ----------------------------------------------------------------------------- from the config
 
 
-def multicrop_spec(config) -> MultiCropSpec:
-    """The crop geometry of ``config.augmentation`` (size_crops, nmb_crops, scales, ratio)."""
-    return MultiCropSpec.from_config(config)
-
-
-def colour_config(config) -> ColourConfig:
-    """The colour half of ``config.augmentation`` (jitter, grayscale, blur, mean/std)."""
-    return ColourConfig.from_config(config)
-
-
 def split_shards(config) -> list[tuple[str, int]]:
     """``[(shard path or URI, rows used), ...]`` of ``data.split``, in manifest order.
 
@@ -174,12 +160,7 @@ def split_shards(config) -> list[tuple[str, int]]:
     uri = config.data.shards
     manifest = read_manifest(uri)
     split = config.data.split
-    root = os.fspath(uri).rstrip("/")
-    if root.endswith(".json"):
-        root = root.rsplit("/", 1)[0]
-    if "://" not in root:
-        root = os.path.abspath(root)
-    shards = [(f"{root}/{s['path']}", int(s["num_rows"])) for s in manifest["shards"]
+    shards = [(shard_uri(uri, s["path"]), int(s["num_rows"])) for s in manifest["shards"]
               if s["split"] == split]
     if not shards:
         raise ValueError(f"data.split = {split!r}: no shards of that split in {uri} "
@@ -225,38 +206,6 @@ def steps_per_epoch(config, num_rows: int, world_size: int) -> int:
     return steps
 
 
-def check_cpu_budget(total_cpus: float, num_workers: int, cpus_per_worker: float,
-                     crop_cpus: float) -> float:
-    """Raise ValueError if the train workers would leave no CPU for a crop task.
-
-    Rule: ``total_cpus >= num_workers * cpus_per_worker + crop_cpus``. Returns the CPUs left
-    to the stream (``total_cpus - num_workers * cpus_per_worker``); logs a warning when they
-    hold a single crop task only.
-    """
-    for name, value in (("total_cpus", total_cpus), ("cpus_per_worker", cpus_per_worker)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if crop_cpus <= 0:
-        raise ValueError(f"data.crop_cpus must be > 0, got {crop_cpus}")
-    train_cpus = num_workers * cpus_per_worker
-    free = total_cpus - train_cpus
-    if free < crop_cpus:
-        raise ValueError(
-            f"CPU budget: the cluster has {total_cpus:g} CPUs, the {num_workers} train workers "
-            f"take {num_workers} x ray.num_cpus_per_worker {cpus_per_worker:g} = {train_cpus:g}, "
-            f"leaving {max(free, 0):g} for the data stream, less than one crop task "
-            f"(data.crop_cpus = {crop_cpus:g}). Ray Data would wait forever for a CPU while the "
-            f"workers wait for data (deadlock). Need total CPUs >= {train_cpus + crop_cpus:g}: "
-            "add CPUs, use fewer workers or lower ray.num_cpus_per_worker / data.crop_cpus.")
-    if free < 2 * crop_cpus:
-        logger.warning("only %g CPUs left for the data stream: a single crop task at a time "
-                       "(data.crop_cpus = %g); data loading will likely be the bottleneck",
-                       free, crop_cpus)
-    return free
-
-
 # ----------------------------------------------------------------------------- work items
 
 
@@ -289,26 +238,29 @@ def epoch_item_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
 class StreamPlan:
     """Everything a stream task needs (small and picklable; shipped once per operator).
 
-    ``colour``: the colour config when the colour half runs in the stream, else None.
+    ``aug``: the crop and colour settings (``config.augmentation``); the colour half runs in
+    the stream when ``aug.colour_on_device`` is false (:attr:`colour_in_stream`).
     """
 
     shards: tuple[str, ...]
     items: tuple[WorkItem, ...]
     seed: int
-    spec: MultiCropSpec
-    colour: ColourConfig | None = None
+    aug: AugmentationConfig
     decode: DecodeOptions = dataclasses.field(default_factory=DecodeOptions)
 
     @classmethod
     def from_config(cls, config, rows_per_item: int = DEFAULT_ROWS_PER_ITEM,
                     decode: DecodeOptions | None = None) -> "StreamPlan":
         shards = split_shards(config)
-        aug = config.augmentation
         return cls(shards=tuple(p for p, _ in shards),
                    items=tuple(plan_items([n for _, n in shards], rows_per_item)),
-                   seed=config.train.seed, spec=multicrop_spec(config),
-                   colour=None if aug.colour_on_device else colour_config(config),
+                   seed=config.train.seed, aug=config.augmentation,
                    decode=DecodeOptions() if decode is None else decode)
+
+    @property
+    def colour_in_stream(self) -> bool:
+        """True when the crop tasks also run the colour half (float16 normalised output)."""
+        return not self.aug.colour_on_device
 
     @property
     def num_rows(self) -> int:
@@ -337,10 +289,7 @@ def _shard_file(path: str) -> tuple[pafs.FileSystem, str, pq.FileMetaData, np.nd
 
     Cached per process: Ray reuses worker processes, so each shard's footer is read once.
     """
-    if "://" in path:
-        fs, inner = pafs.FileSystem.from_uri(path)
-    else:
-        fs, inner = pafs.LocalFileSystem(), path
+    fs, inner = storage.resolve(path)
     with fs.open_input_file(inner) as f:
         metadata = pq.read_metadata(f)
     sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
@@ -362,85 +311,25 @@ def read_rows(path: str, start: int, stop: int) -> pa.Table:
     return table.slice(start - int(offsets[first]), stop - start)
 
 
-def _crop_one(jpeg: bytes | None, spec: MultiCropSpec, rng: np.random.Generator,
-              options: DecodeOptions) -> list[np.ndarray] | None:
-    """All crops of one record (HWC uint8, spec order), or None if it does not decode."""
-    try:
-        return decode_and_crop(jpeg, spec, rng, options)
-    except DecodeError as exc:
-        logger.warning("skipping an undecodable record: %s", exc)
-        return None
-
-
-def _assemble(crops: list[list[np.ndarray]], spec: MultiCropSpec) -> dict[str, np.ndarray]:
-    """Per-image HWC crops -> ``crops_{r}``: uint8 (N, n_r, 3, S_r, S_r) per resolution."""
-    out, first = {}, 0
-    for r, (size, count) in enumerate(zip(spec.size_crops, spec.nmb_crops)):
-        arr = np.empty((len(crops), count, 3, size, size), dtype=np.uint8)  # (N, n_r, 3, S, S)
-        for b, image_crops in enumerate(crops):
-            for k in range(count):
-                arr[b, k] = image_crops[first + k].transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
-        out[f"crops_{r}"] = arr
-        first += count
-    return out
-
-
-def _cat_params(params: list[ColourParams]) -> ColourParams:
-    """Concatenate the per-image parameter sets along the sample axis."""
-    return ColourParams(**{f.name: torch.cat([getattr(p, f.name) for p in params])
-                           for f in dataclasses.fields(ColourParams)})
-
-
-def _colour(out: dict[str, np.ndarray], colour_seeds: list[int], plan: StreamPlan) -> None:
-    """Colour half on the CPU, in place: ``crops_{r}`` become float16 normalised crops.
-
-    Image b's parameters come from a torch generator seeded with ``colour_seeds[b]`` (drawn
-    from that image's crop rng), resolution after resolution, so they are as repeatable as
-    its crops; the work itself is batched over the item.
-    """
-    generators = []
-    for s in colour_seeds:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(s)
-        generators.append(g)
-    augment = ColourAugment(plan.colour, out_dtype=torch.float16)
-    for r, count in enumerate(plan.spec.nmb_crops):
-        x = torch.from_numpy(out[f"crops_{r}"])  # (N, n_r, 3, S, S) uint8
-        if x.shape[0] == 0:
-            out[f"crops_{r}"] = x.to(torch.float16).numpy()
-            continue
-        params = _cat_params([sample_colour_params(count, g, cfg=plan.colour)
-                              for g in generators])  # N * n_r samples, image-major
-        out[f"crops_{r}"] = augment(x, params).numpy()  # (N, n_r, 3, S, S) float16
-
-
 def crop_item(plan: StreamPlan, epoch: int, item: WorkItem) -> dict[str, np.ndarray]:
     """Read, shuffle, decode and crop the rows of one work item (see the module docstring).
 
     Returns columns for the N decodable rows: ``crops_{r}`` (N, n_r, 3, S_r, S_r) uint8 (or
-    float16 normalised when ``plan.colour`` is set), ``epoch``, ``image_id``, ``skipped``
+    float16 normalised when ``plan.colour_in_stream``), ``epoch``, ``image_id``, ``skipped``
     (N,) int64.
     """
     table = read_rows(plan.shards[item.shard], item.start, item.stop)
     jpegs = table.column("jpeg").to_pylist()
-    ids = table.column("image_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = table.column("image_id").to_numpy(zero_copy_only=False).astype(np.int64)  # (R,)
     order = np.random.default_rng(
         _seed(plan.seed, _TAG_ROWS, epoch, item.shard, item.start)).permutation(len(ids))
-    crops, kept, colour_seeds = [], [], []
-    for i in order:
-        rng = np.random.default_rng(_seed(plan.seed, _TAG_CROP, epoch, ids[i]))
-        image_crops = _crop_one(jpegs[i], plan.spec, rng, plan.decode)
-        if image_crops is None:
-            continue
-        crops.append(image_crops)
-        kept.append(ids[i])
-        colour_seeds.append(int(rng.integers(0, 2**63 - 1)))
-    out = _assemble(crops, plan.spec)
-    if plan.colour is not None:
-        _colour(out, colour_seeds, plan)
-    n, skipped = len(kept), len(ids) - len(kept)
+    rngs = [np.random.default_rng(_seed(plan.seed, _TAG_CROP, epoch, ids[i])) for i in order]
+    out, kept = multicrop_images([jpegs[i] for i in order], plan.aug, rngs,
+                                 colour=plan.colour_in_stream, options=plan.decode)
+    kept_ids = ids[order][kept]  # (N,)
+    n, skipped = len(kept_ids), len(ids) - len(kept_ids)
     out["epoch"] = np.full(n, epoch, dtype=np.int64)
-    out["image_id"] = np.asarray(kept, dtype=np.int64).reshape(n)
+    out["image_id"] = kept_ids.reshape(n)
     out["skipped"] = np.zeros(n, dtype=np.int64)
     if skipped and n:
         out["skipped"][0] = skipped
@@ -492,7 +381,7 @@ def build_pretrain_stream(config, start_epoch: int = 0, num_epochs: int | None =
     logger.info("pretrain stream: %d rows in %d items of <= %d rows from %d shards, "
                 "epochs %d..%d, colour %s", plan.num_rows, len(plan.items), rows_per_item,
                 len(plan.shards), epochs.start, epochs.stop - 1,
-                "on the device" if plan.colour is None else "in the stream")
+                "in the stream" if plan.colour_in_stream else "on the device")
     rows = work_item_rows(plan, epochs)
     # One block of consecutive input rows = one crop task; the blocks are consumed in this
     # order (epoch after epoch), and only the tasks in flight can finish out of order.

@@ -39,7 +39,6 @@ import logging
 import multiprocessing
 import os
 import re
-import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -50,16 +49,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from gaelle_ray.data import sources, toy
+from gaelle_ray import storage
 
 __all__ = [
     "MANIFEST_NAME",
     "SHARD_SCHEMA",
     "list_shards",
-    "prepare_from_source",
     "prepare_shards",
-    "prepare_toy",
     "read_manifest",
+    "shard_uri",
     "verify_shards",
 ]
 
@@ -107,12 +105,7 @@ class _Location:
 
 def _resolve(uri: str | os.PathLike) -> _Location:
     """Local path or URI (file://, s3://, gs://, hdfs://...) -> file system + base path."""
-    uri = os.fspath(uri)
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(uri)
-    return _Location(fs, path.rstrip("/") or "/")
+    return _Location(*storage.resolve(uri))
 
 
 def _exists(loc: _Location, rel: str) -> bool:
@@ -162,22 +155,16 @@ def _sha256(data: bytes) -> str:
 # ----------------------------------------------------------------------------- source images
 
 
-def _source_file(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
 def _source_size(path: str) -> int:
     """Size in bytes of a source file, -1 when it does not exist."""
-    fs, p = _source_file(path)
+    fs, p = storage.resolve(path)
     info = fs.get_file_info(p)
     return int(info.size) if info.type == pafs.FileType.File else -1
 
 
 def _read_source(path: str) -> tuple[bytes | None, str | None]:
     """(bytes, None) or (None, reason)."""
-    fs, p = _source_file(path)
+    fs, p = storage.resolve(path)
     try:
         with fs.open_input_stream(p) as f:
             return f.read(), None
@@ -602,12 +589,30 @@ def prepare_shards(records: Iterable[dict[str, Any]], class_names: Sequence[str]
 # ----------------------------------------------------------------------------- reading back
 
 
-def _manifest_location(uri: str | os.PathLike) -> tuple[_Location, str]:
+def _folder_and_manifest(uri: str | os.PathLike) -> tuple[str, str]:
+    """A shard set given as its folder or as its manifest file -> (folder, manifest name)."""
     uri = os.fspath(uri).rstrip("/")
     if uri.endswith(".json"):
-        uri, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
-        return _resolve(uri), name
-    return _resolve(uri), MANIFEST_NAME
+        return tuple(uri.rsplit("/", 1)) if "/" in uri else (".", uri)
+    return uri, MANIFEST_NAME
+
+
+def _manifest_location(uri: str | os.PathLike) -> tuple[_Location, str]:
+    folder, name = _folder_and_manifest(uri)
+    return _resolve(folder), name
+
+
+def shard_uri(uri: str | os.PathLike, rel: str) -> str:
+    """Full path or URI of the file ``rel`` (a manifest "path") of the shard set at ``uri``
+    (its folder or its manifest file).
+
+    A local folder gives an absolute local path; a URI gives a URI with the same scheme
+    (file:// included), which pyarrow and Ray Data's readers take as they are.
+    """
+    folder, _ = _folder_and_manifest(uri)
+    if "://" not in folder:
+        folder = os.path.abspath(folder)
+    return f"{folder}/{rel}"
 
 
 def read_manifest(uri: str | os.PathLike) -> dict[str, Any]:
@@ -643,12 +648,7 @@ def list_shards(uri: str | os.PathLike, split: str | None = None) -> list[str]:
     if split is not None and split not in manifest["counts"]:
         raise ValueError(f"split {split!r} not in {os.fspath(uri)} "
                          f"(has {sorted(manifest['counts'])})")
-    root = os.fspath(uri).rstrip("/")
-    if root.endswith(".json"):
-        root = root.rsplit("/", 1)[0]
-    if "://" not in root:
-        root = os.path.abspath(root)
-    return [f"{root}/{s['path']}" for s in manifest["shards"]
+    return [shard_uri(uri, s["path"]) for s in manifest["shards"]
             if split is None or s["split"] == split]
 
 
@@ -679,116 +679,3 @@ def verify_shards(uri: str | os.PathLike) -> dict[str, Any]:
                              f"{shard['num_rows']}")
         rows += num_rows
     return {"shards": len(manifest["shards"]), "rows": rows}
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def prepare_toy(out_uri: str | os.PathLike, *, n_train: int = 2000, n_val: int = 500,
-                image_size: int = 128, seed: int = 0, toy_dir: str | os.PathLike | None = None,
-                dataset_name: str = "toy", shard_size: int = 1000, workers: int = 1,
-                **prepare_kwargs: Any) -> dict[str, Any]:
-    """Generate the toy COCO-format set (:func:`gaelle_ray.data.toy.make_toy`) and shard it.
-
-    Args:
-        out_uri: where the shards go (local path or URI).
-        n_train, n_val, image_size, seed: passed to make_toy.
-        toy_dir: where the JPEG/JSON toy set is written; None = a temporary directory that
-            is removed afterwards.
-        dataset_name, shard_size, workers, **prepare_kwargs: passed to prepare_shards.
-
-    Returns:
-        The manifest dict; manifest["source"] records the toy parameters.
-    """
-    if toy_dir is not None:
-        return _prepare_toy_in(os.fspath(toy_dir), out_uri, n_train, n_val, image_size, seed,
-                               dataset_name=dataset_name, shard_size=shard_size,
-                               workers=workers, **prepare_kwargs)
-    with tempfile.TemporaryDirectory(prefix="gaelle-toy-") as tmp:
-        return _prepare_toy_in(tmp, out_uri, n_train, n_val, image_size, seed,
-                               dataset_name=dataset_name, shard_size=shard_size,
-                               workers=workers, **prepare_kwargs)
-
-
-def _prepare_toy_in(toy_dir: str, out_uri, n_train: int, n_val: int, image_size: int, seed: int,
-                    **prepare_kwargs: Any) -> dict[str, Any]:
-    summary = toy.make_toy(toy_dir, n_train=n_train, n_val=n_val, image_size=image_size,
-                           seed=seed, workers=prepare_kwargs.get("workers", 1))
-    records, class_names = [], None
-    for split, info in summary["splits"].items():
-        recs, names, _ = sources.read_coco(info["ann_file"], info["image_dir"], split,
-                                           strict=True)
-        records += recs
-        class_names = names
-    source = {"kind": "toy", "n_train": n_train, "n_val": n_val, "image_size": image_size,
-              "seed": seed}
-    return prepare_shards(records, class_names, out_uri, source=source, **prepare_kwargs)
-
-
-def _read_kind(kind: str, root: str | None, year: int | str, splits: Sequence[str] | None,
-               strict: bool) -> tuple[list[dict], list[str], dict[str, Any]]:
-    """Records of all requested splits of a coco / voc / folder source."""
-    if root is None:
-        raise ValueError(f"prepare {kind}: root is required")
-    if kind == "folder":
-        (split,) = splits or ("train",)
-        records, names, stats = sources.read_folder(root, split=split)
-        return records, names, {"kind": kind, "root": os.path.abspath(root), "stats": stats}
-    default = ("train", "val") if kind == "coco" else ("trainval", "test")
-    records, class_names, stats = [], None, {}
-    for split in splits or default:
-        if kind == "coco":
-            ann_file, image_dir = sources.coco_paths(root, year, split)
-            recs, names, st = sources.read_coco(ann_file, image_dir, split, strict=strict)
-        else:
-            recs, names, st = sources.read_voc(root, split)
-        if class_names is not None and names != class_names:
-            raise ValueError(f"prepare {kind}: split {split!r} has different classes")
-        records, class_names, stats[split] = records + recs, names, st
-    source = {"kind": kind, "root": os.path.abspath(root), "stats": stats}
-    if kind == "coco":
-        source["year"] = int(year)
-    return records, class_names, source
-
-
-def prepare_from_source(kind: str, out_uri: str | os.PathLike, *, root: str | None = None,
-                        year: int | str = 2017, splits: Sequence[str] | None = None,
-                        dataset_name: str | None = None, shard_size: int = 1000,
-                        min_size: int = 0, strict: bool = False, jpeg_quality: int = 95,
-                        workers: int = 1, n_train: int = 2000, n_val: int = 500,
-                        image_size: int = 128, seed: int = 0,
-                        toy_dir: str | None = None) -> dict[str, Any]:
-    """One entry point for `gaelle prepare {coco,voc,folder,toy}`.
-
-    Args:
-        kind: "coco", "voc", "folder" or "toy".
-        out_uri: output directory or URI for shards + manifest.json.
-        root: source root (coco: folder with annotations/ and train2017/...; voc: VOC2007
-            or VOCdevkit; folder: any image folder). Unused for toy.
-        year: COCO year, 2014 or 2017 (coco only).
-        splits: splits to read. Defaults: coco ("train", "val"); voc ("trainval", "test");
-            folder: one name, default ("train",). Unused for toy (always train + val).
-        dataset_name: default "coco{year}", "voc2007", the folder's name, or "toy".
-        shard_size, min_size, strict, jpeg_quality, workers: see prepare_shards (strict also
-            makes the COCO reader raise on annotations with unknown image/category ids).
-        n_train, n_val, image_size, seed, toy_dir: toy only, see prepare_toy.
-
-    Returns:
-        The manifest dict.
-    """
-    common = {"shard_size": shard_size, "min_size": min_size, "strict": strict,
-              "jpeg_quality": jpeg_quality, "workers": workers}
-    if kind == "toy":
-        return prepare_toy(out_uri, n_train=n_train, n_val=n_val, image_size=image_size,
-                           seed=seed, toy_dir=toy_dir, dataset_name=dataset_name or "toy",
-                           **common)
-    if kind not in ("coco", "voc", "folder"):
-        raise ValueError(f"unknown source kind {kind!r}; expected coco, voc, folder or toy")
-    if kind == "folder" and splits is not None and len(splits) != 1:
-        raise ValueError(f"prepare folder takes one split name, got {list(splits)!r}")
-    records, class_names, source = _read_kind(kind, root, year, splits, strict)
-    if dataset_name is None:
-        dataset_name = {"coco": f"coco{year}", "voc": "voc2007"}.get(
-            kind, os.path.basename(os.path.abspath(root or "")) or "folder")
-    return prepare_shards(records, class_names, out_uri, dataset_name=dataset_name,
-                          source=source, **common)

@@ -8,10 +8,8 @@ model has to look at form, not colour, to tell classes apart. Objects may overla
 Backgrounds are textured (noise, stripes, gradient, checker) but calm: desaturated, with a
 low-contrast pattern, and objects are large (radius 12-29% of the image side), so that the
 content two views of an image share is mostly its shapes rather than its background: a
-few minutes of self-supervised pretraining can only learn what is easiest. (On the earlier
-set, saturated backgrounds and radius 7-22%, 7-minute pretraining runs probed within ~1 mAP
-point of a random backbone; the change helped only a little on its own, the demo config's
-longer run did the rest; see the README.)
+few minutes of self-supervised pretraining can only learn what is easiest (how this set
+came to be: docs/benchmarks.md).
 
 Layout written by :func:`make_toy` (the standard COCO names, so the COCO reader handles it)::
 

@@ -2,6 +2,16 @@
 probe (full protocol, distributed on Ray Train, and a cached-feature fast proxy), the
 leakage guard, and semi-supervised fine-tuning.
 
+    metrics.py      mAP (the SS-PRL definition)
+    checkpoints.py  backbones from every kind of checkpoint, pretraining provenance
+    features.py     evaluation images from shards, frozen-backbone features and their cache
+    leakage.py      test images must not be pretraining images
+    probe.py        the probe core: settings, result, classifier, loss, training loop
+    linear.py       linear probe in one process (full and fast) and `gaelle linear-eval`
+    distributed.py  the full linear probe on Ray Train workers
+    semisup.py      fine-tuning on 1% / 10% of the labels and `gaelle semisup`
+    report.py       an evaluation's MLflow run
+
 Nothing here imports Ray at module level except gaelle_ray.eval.distributed.
 """
 

@@ -21,17 +21,15 @@ the keys. There is no path that silently returns a random backbone.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from gaelle_ray import storage
 from gaelle_ray.model.backbone import build_backbone
 from gaelle_ray.model.weights import (
     backbone_state, load_state_strict, read_checkpoint_file, released_to_gaelle,
@@ -40,9 +38,6 @@ from gaelle_ray.model.weights import (
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
-STATE_FILE = "state.pt"  # same names as gaelle_ray.train.checkpoint (not imported: it pulls in the queue code)
-META_FILE = "meta.json"
-RUN_ID_FILE = "mlflow_run.json"  # written by the pretraining driver into train.run_dir
 
 # (blocks per stage, bottleneck) -> arch; wide_resnet50_2 is told apart by its width.
 _LAYOUTS = {
@@ -54,67 +49,30 @@ _LAYOUTS = {
 }
 
 
-# ----------------------------------------------------------------------------- locations
+# ----------------------------------------------------------------------------- meta.json
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _strip_file(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
-@contextlib.contextmanager
-def _local(path: str, names: tuple[str, ...] = ()) -> Iterator[Path]:
-    """A local path for `path`; a URI is copied to a temporary folder first (the whole file,
-    or the listed `names` of a folder)."""
-    if not _is_uri(path):
-        yield Path(_strip_file(path))
-        return
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(path)
-    with tempfile.TemporaryDirectory(prefix="gaelle-ckpt-") as tmp:
-        info = fs.get_file_info(base)
-        if info.type == pafs.FileType.NotFound:
-            raise ValueError(f"{path}: checkpoint not found")
-        if info.type == pafs.FileType.File:
-            target = Path(tmp) / Path(base).name
-            pafs.copy_files(base, str(target), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            yield target
-            return
-        for name in names:
-            src = f"{base.rstrip('/')}/{name}"
-            if fs.get_file_info(src).type == pafs.FileType.File:
-                pafs.copy_files(src, str(Path(tmp) / name), source_filesystem=fs,
-                                destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
-
-
-def _is_folder_checkpoint(path: str) -> bool:
-    if _is_uri(path):
-        import pyarrow.fs as pafs
-
-        fs, base = pafs.FileSystem.from_uri(path)
-        return fs.get_file_info(f"{base.rstrip('/')}/{META_FILE}").type == pafs.FileType.File
-    return Path(_strip_file(path)).is_dir()
+def _meta_in(folder: Path, checkpoint: str) -> dict[str, Any]:
+    """The meta.json in `folder`, the local copy of the checkpoint folder `checkpoint`;
+    ValueError naming the checkpoint when it is missing or not valid JSON."""
+    meta_path = folder / storage.META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{checkpoint}: folder is not a gaelle checkpoint (no {storage.META_FILE})")
+    try:
+        return storage.read_meta_file(meta_path)
+    except ValueError as exc:
+        if not storage.is_remote(checkpoint):
+            raise
+        raise ValueError(f"{checkpoint}: {exc}") from None  # exc names the temporary local copy
 
 
 def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     """meta.json of a gaelle checkpoint folder, or None for any other kind of checkpoint."""
     checkpoint = os.fspath(checkpoint)
-    if checkpoint == RANDOM or not _is_folder_checkpoint(checkpoint):
+    if checkpoint == RANDOM or not storage.is_checkpoint_folder(checkpoint):
         return None
-    with _local(checkpoint, (META_FILE,)) as folder:
-        meta_path = folder / META_FILE
-        if not meta_path.is_file():
-            raise ValueError(f"{checkpoint}: folder is not a gaelle checkpoint (no {META_FILE})")
-        try:
-            return json.loads(meta_path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{checkpoint}/{META_FILE}: not valid JSON: {exc}") from None
+    with storage.local_copy(checkpoint, (storage.META_FILE,)) as folder:
+        return _meta_in(folder, checkpoint)
 
 
 # ----------------------------------------------------------------------------- arch
@@ -142,8 +100,8 @@ def infer_arch(state: Mapping[str, torch.Tensor], source: str = "<state dict>") 
 
 def _state_from_file(obj: Mapping[str, Any], source: str) -> tuple[dict[str, torch.Tensor], str, Any]:
     """(backbone state with torchvision names, kind, epoch) from the dict inside a file."""
-    if "worker" in obj and isinstance(obj["worker"], Mapping) and "model" in obj["worker"]:
-        return backbone_state(obj["worker"]["model"], source), "gaelle_state_file", None
+    if storage.holds_worker_state(obj):
+        return backbone_state(storage.worker_model_state(obj, source), source), "gaelle_state_file", None
     inner = obj.get("state_dict", obj)
     if not isinstance(inner, Mapping) or not inner:
         raise ValueError(f"{source}: no state dict in the checkpoint (keys: {sorted(obj)[:10]})")
@@ -160,20 +118,14 @@ def _state_from_file(obj: Mapping[str, Any], source: str) -> tuple[dict[str, tor
 
 
 def _state_from_folder(path: str, arch: str | None) -> tuple[dict[str, torch.Tensor], str, dict]:
-    with _local(path, (STATE_FILE, META_FILE)) as folder:
-        meta_path, state_path = folder / META_FILE, folder / STATE_FILE
-        if not meta_path.is_file() or not state_path.is_file():
-            raise ValueError(f"{path}: not a complete gaelle checkpoint folder (needs {STATE_FILE} and {META_FILE})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path}/{META_FILE}: not valid JSON: {exc}") from None
-        raw = read_checkpoint_file(state_path)
-    source = f"{path}/{STATE_FILE}"
-    try:
-        model_state = raw["worker"]["model"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{source}: no worker.model entry (keys: {sorted(raw)[:10]})") from None
+    state_file, meta_file = storage.STATE_FILE, storage.META_FILE
+    with storage.local_copy(path, (state_file, meta_file)) as folder:
+        if not (folder / meta_file).is_file() or not (folder / state_file).is_file():
+            raise ValueError(f"{path}: not a complete gaelle checkpoint folder (needs {state_file} and {meta_file})")
+        meta = _meta_in(folder, path)
+        raw = read_checkpoint_file(folder / state_file)
+    source = f"{path}/{state_file}"
+    model_state = storage.worker_model_state(raw, source)
     meta_arch = (meta.get("config") or {}).get("model", {}).get("arch")
     if arch and meta_arch and arch != meta_arch:
         raise ValueError(f"{path}: arch {arch!r} was asked for, but the checkpoint's config says "
@@ -192,12 +144,12 @@ def load_backbone_info(path_or_dir: str | os.PathLike, arch: str | None = None) 
         if not arch:
             raise ValueError("checkpoint 'random' needs an arch (e.g. resnet50)")
         return build_backbone(arch), {"kind": RANDOM, "arch": arch, "source": RANDOM, "epoch": None}
-    if _is_folder_checkpoint(path):
+    if storage.is_checkpoint_folder(path):
         state, meta_arch, meta = _state_from_folder(path, arch)
-        kind, epoch, source = "folder", meta.get("epoch"), f"{path}/{STATE_FILE}"
+        kind, epoch, source = "folder", meta.get("epoch"), f"{path}/{storage.STATE_FILE}"
         arch = arch or meta_arch or infer_arch(state, source)
     else:
-        with _local(path) as local:
+        with storage.local_copy(path) as local:
             if not local.is_file():
                 raise ValueError(f"{path}: checkpoint not found (expected 'random', a checkpoint folder or a .pth file)")
             obj = read_checkpoint_file(local)
@@ -236,7 +188,7 @@ def pretraining_data_of(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
         return None
     data = (meta.get("config") or {}).get("data")
     if not data or not data.get("shards"):
-        raise ValueError(f"{os.fspath(checkpoint)}/{META_FILE}: config has no data.shards")
+        raise ValueError(f"{os.fspath(checkpoint)}/{storage.META_FILE}: config has no data.shards")
     return {"shards": data["shards"], "split": data.get("split", "train"), "max_images": data.get("max_images", 0)}
 
 
@@ -252,16 +204,15 @@ def pretraining_run_id_of(checkpoint: str | os.PathLike) -> str | None:
     folder sits where `gaelle pretrain` puts it (<run_dir>/train/epoch_NNNNN, with
     <run_dir>/mlflow_run.json); else None."""
     path = os.fspath(checkpoint)
-    if path == RANDOM or _is_uri(path):
+    if path == RANDOM or storage.is_remote(path):
         return None
-    folder = Path(_strip_file(path)).resolve()
+    folder = Path(storage.normalise(path))
     if not folder.is_dir():
         return None
-    run_file = folder.parent.parent / RUN_ID_FILE
-    if not run_file.is_file():
-        return None
+    run_dir = str(folder.parent.parent)
     try:
-        return json.loads(run_file.read_text()).get("run_id") or None
+        payload = storage.read_json(run_dir, storage.RUN_ID_FILE)
     except ValueError:
-        log.warning("%s: not valid JSON; pretraining run id unknown", run_file)
+        log.warning("%s: not valid JSON; pretraining run id unknown", storage.join(run_dir, storage.RUN_ID_FILE))
         return None
+    return (payload or {}).get("run_id") or None

@@ -15,7 +15,9 @@ initial weights and averages gradients):
   workers or batches) and checks that every test image was scored exactly once.
 
 Nothing else here differs from gaelle_ray.eval.linear.linear_probe: same classifier init,
-loss, optimiser, cosine schedule, clipping and transforms (fit_classifier is shared).
+loss, optimiser, cosine schedule, clipping and transforms (the probe core,
+gaelle_ray.eval.probe, is shared). Ray is started and the TorchTrainer assembled by
+gaelle_ray.ray_setup, as for pretraining.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gaelle_ray import ray_setup
 from gaelle_ray.eval.features import extract_features, make_loader
-from gaelle_ray.eval.linear import (
-    ProbeResult, ProbeSettings, _freeze, _scores, _steps, fit_classifier, make_classifier, probe_datasets,
+from gaelle_ray.eval.probe import (
+    ProbeResult, ProbeSettings, classifier_scores, epoch_steps, fit_classifier, freeze, make_classifier,
+    probe_datasets,
 )
 from gaelle_ray.model.backbone import build_backbone
 from gaelle_ray.model.weights import load_state_strict
@@ -63,7 +67,7 @@ def worker_rows(order: np.ndarray, rank: int, world: int) -> np.ndarray:
 def _gathered_scores(clf: nn.Module, feats: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                      rank: int, world: int, expected: int):
     """(scores (N, C), targets (N, C)) of the whole test set on rank 0, None on the others."""
-    mine = (_scores(clf, feats).numpy(), labels.numpy(), ids.numpy())
+    mine = (classifier_scores(clf, feats).numpy(), labels.numpy(), ids.numpy())
     parts = [None] * world if rank == 0 else None
     dist.gather_object(mine, parts, dst=0)
     if rank != 0:
@@ -108,7 +112,7 @@ def linear_probe_worker(cfg: dict) -> None:
     backbone = build_backbone(cfg["arch"])
     state = cfg["state"]
     load_state_strict(backbone, ray.get(state) if isinstance(state, ray.ObjectRef) else state, "backbone (driver)")
-    backbone = _freeze(backbone, device)
+    backbone = freeze(backbone, device)
     train_set, test_set = probe_datasets(cfg["data_uri"], cfg["train_split"], cfg["test_split"], settings)
 
     my_test = test_set.select(np.arange(rank, len(test_set), world))
@@ -121,7 +125,7 @@ def linear_probe_worker(cfg: dict) -> None:
     ddp = DistributedDataParallel(clf, device_ids=[device.index] if device.type == "cuda" else None)
     local_batch = settings.batch_size // world
     per_worker = math.ceil(len(train_set) / world)
-    steps = _steps(per_worker, local_batch)
+    steps = epoch_steps(per_worker, local_batch)
 
     def batches(epoch: int):
         rows = worker_rows(train_set.block_order(settings.seed, epoch), rank, world)
@@ -165,24 +169,16 @@ def linear_probe_distributed(backbone: nn.Module, arch: str, data_uri: str, trai
     if num_workers < 1 or settings.batch_size % num_workers:
         raise ValueError(f"eval.batch_size = {settings.batch_size} must be divisible by the number of "
                          f"workers ({num_workers})")
-    if not ray.is_initialized():
-        from gaelle_ray.train.trainer import init_ray
-
-        init_ray(address)
+    ray_setup.init_ray(address)
     state_ref = ray.put({k: v.detach().cpu() for k, v in backbone.state_dict().items()})
     cfg = {"settings": dataclasses.asdict(settings), "state": state_ref, "arch": arch, "data_uri": data_uri,
            "train_split": train_split, "test_split": test_split, "use_gpu": use_gpu,
            "cpus_per_worker": cpus_per_worker}
     with tempfile.TemporaryDirectory(prefix="gaelle-linear-") as tmp:
-        trainer = TorchTrainer(
-            linear_probe_worker, train_loop_config=cfg,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": cpus_per_worker}),
-            run_config=ray.train.RunConfig(name=f"linear_eval_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}",
-                                           storage_path=storage_path or tmp,
-                                           failure_config=ray.train.FailureConfig(max_failures=0)),
-        )
+        trainer = ray_setup.build_torch_trainer(
+            linear_probe_worker, cfg, name=f"linear_eval_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}",
+            storage_path=storage_path or tmp, num_workers=num_workers, use_gpu=use_gpu,
+            cpus_per_worker=cpus_per_worker)
         result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"distributed linear probe failed: {result.error}") from result.error

@@ -9,7 +9,7 @@ so a shuffled epoch over COCO reads each row group once instead of once per imag
 Transforms (`EvalTransform`):
     train: RandomResizedCrop(image_size) + RandomHorizontalFlip
     eval:  Resize(resize_size) + CenterCrop(image_size)
-    both:  ToTensor + Normalize(MEAN, STD) of gaelle_ray.data.augment
+    both:  ToTensor + Normalize(MEAN, STD) of gaelle_ray.config
 
 An item is (image (3, S, S) float32, labels (C,) uint8 with 255 = ignore, image_id int).
 
@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gaelle_ray.data.augment import MEAN, STD
+from gaelle_ray import storage
+from gaelle_ray.config import MEAN, STD
 from gaelle_ray.data.shards import list_shards, read_manifest
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,6 @@ class EvalTransform:
 # ----------------------------------------------------------------------------- shards
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 @dataclass(frozen=True)
 class _Shard:
     path: str  # full path or URI
@@ -124,7 +118,7 @@ class ShardImages(Dataset):
         entries = [s for s in manifest["shards"] if s["split"] == split]
         shards, ids, labels = [], [], []
         for path, entry in zip(paths, entries):
-            fs, local = _filesystem(path)
+            fs, local = storage.resolve(path)
             with fs.open_input_file(local) as f:
                 pf = pq.ParquetFile(f)
                 groups = tuple(pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups))
@@ -210,7 +204,7 @@ class ShardImages(Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         path = self._shards[shard].path
-        fs, local = _filesystem(path)
+        fs, local = storage.resolve(path)
         with fs.open_input_file(local) as f:
             jpegs = pq.ParquetFile(f).read_row_group(group, columns=["jpeg"]).column("jpeg").to_pylist()
         self._cache[key] = jpegs
@@ -280,6 +274,14 @@ def feature_cache_key(backbone: nn.Module, dataset: ShardImages) -> str:
 def default_cache_dir() -> Path:
     """$GAELLE_CACHE/features, else ~/.cache/gaelle/features."""
     return Path(os.environ.get("GAELLE_CACHE", "~/.cache/gaelle")).expanduser() / "features"
+
+
+def default_loader_workers(device: str | torch.device) -> int:
+    """DataLoader processes for one-process runs: 0 on CPU (the model needs the cores),
+    min(8, CPUs - 1) on a GPU (JPEG decoding would starve it)."""
+    if torch.device(device).type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def _collate(batch):

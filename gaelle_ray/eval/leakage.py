@@ -13,6 +13,9 @@ compares the evaluation test split with the pretraining split(s) two ways:
 
 An image matched either way counts once. Pretraining hashes can be cached per shard
 (keyed by the shard's sha256 in the manifest), as reading COCO train2017 once takes time.
+
+`leakage_guard` is the check as the evaluation entry points run it: against the
+pretraining data that a checkpoint records in its config, returning the run's tags.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gaelle_ray import storage
 from gaelle_ray.data.shards import list_shards, read_manifest
+from gaelle_ray.eval.checkpoints import pretraining_data_of
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +44,13 @@ def dataset_family(name: str) -> str:
     return re.sub(r"[\d_-]+$", "", name.strip().lower())
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def _shard_hashes(path: str, sha256: str, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """(image ids (n,) int64, sha1 digests (n,) as 'S20' bytes) of one shard."""
     cached = cache_dir / f"hashes-{sha256}.npz" if cache_dir is not None and sha256 else None
     if cached is not None and cached.is_file():
         with np.load(cached) as z:
             return z["ids"], z["sha1"]
-    fs, local = _filesystem(path)
+    fs, local = storage.resolve(path)
     ids, digests = [], []
     with fs.open_input_file(local) as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["image_id", "jpeg"]):
@@ -142,3 +140,26 @@ def check_overlap(pretrain_shards_uri: str, eval_shards_uri: str, eval_split: st
                          "--allow-overlap (eval.allow_overlap) to run anyway; the run is then tagged.")
     log.warning("%s; evaluating anyway (allow_overlap): the mAP is NOT a clean held-out result", message)
     return r["overlap"]
+
+
+def leakage_guard(checkpoint: str, data_uri: str, test_split: str, allow_overlap: bool,
+                  cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run check_overlap against the checkpoint's pretraining data when the checkpoint
+    records it. Returns tags: {"leakage_check": "clean" | "overlap" | "unknown",
+    "leakage_overlap": n}."""
+    pre = pretraining_data_of(checkpoint)
+    if pre is None:
+        log.warning("leakage check skipped: %s does not record its pretraining data (not a gaelle checkpoint "
+                    "folder); make sure it was not pretrained on the %r images of %s", checkpoint, test_split, data_uri)
+        return {"leakage_check": "unknown"}
+    try:
+        n = check_overlap(pre["shards"], data_uri, test_split, allow_overlap, pretrain_splits=[pre["split"]],
+                          cache_dir=cache_dir)
+    except FileNotFoundError as exc:
+        msg = (f"leakage check: cannot read the pretraining shards {pre['shards']!r} recorded in {checkpoint} "
+               f"({exc})")
+        if not allow_overlap:
+            raise ValueError(msg + "; make them reachable, or pass --allow-overlap to evaluate unchecked") from None
+        log.warning("%s; evaluating unchecked (allow_overlap)", msg)
+        return {"leakage_check": "unknown"}
+    return {"leakage_check": "overlap" if n else "clean", "leakage_overlap": n}

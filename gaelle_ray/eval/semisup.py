@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,12 +28,14 @@ import torch
 from torch import nn
 
 from gaelle_ray.eval.checkpoints import load_backbone_info, pretraining_run_id_of
-from gaelle_ray.eval.features import EvalTransform, ShardImages, extract_features, make_loader
-from gaelle_ray.eval.linear import (
-    ProbeResult, _check_classes, _scores, default_loader_workers, leakage_guard, log_eval_run, make_classifier, masked_bce,
-    sgd_step,
+from gaelle_ray.eval.features import (
+    EvalTransform, ShardImages, default_loader_workers, extract_features, make_loader,
 )
-from gaelle_ray.eval.metrics import mean_average_precision
+from gaelle_ray.eval.leakage import leakage_guard
+from gaelle_ray.eval.probe import (
+    EpochMaps, ProbeResult, check_classes, classifier_scores, make_classifier, masked_bce, sgd_step,
+)
+from gaelle_ray.eval.report import log_eval_run
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def semisup_finetune(backbone: nn.Module, train_set: ShardImages, test_set: Shar
 
     Returns a ProbeResult (mode "semisup") with final and best-over-epochs mAP.
     """
-    _check_classes(train_set, test_set)
+    check_classes(train_set, test_set)
     device = torch.device(device)
     torch.manual_seed(settings.seed)
     backbone.to(device)
@@ -114,8 +115,7 @@ def _fit(model: nn.Module, backbone: nn.Module, clf: nn.Module, opt: torch.optim
     """Epoch loop: step-decayed lrs, train on train_set, mAP of test_set after every epoch."""
     t0 = time.perf_counter()
     history: list[dict[str, float]] = []
-    best = (-math.inf, -1, None)
-    final = None
+    maps = EpochMaps(train_set.class_names)
     for epoch in range(settings.epochs):
         for g in opt.param_groups:
             g["lr"] = _step_lr(g["base"], epoch, settings.milestones, settings.gamma)
@@ -131,21 +131,12 @@ def _fit(model: nn.Module, backbone: nn.Module, clf: nn.Module, opt: torch.optim
         model.eval()
         feats, targets, _ = extract_features(backbone, test_set, settings.batch_size, device,
                                              num_workers=loader_workers)
-        m, ap, info = mean_average_precision(_scores(clf, feats), targets, train_set.class_names)
-        final = (m, ap, info)
-        if m > best[0]:
-            best = (m, epoch, ap)
+        m = maps.add(epoch, classifier_scores(clf, feats), targets)
         history.append({"epoch": epoch, "train_loss": loss_sum / max(n, 1), "test_map": m,
                         "lr_backbone": opt.param_groups[0]["lr"], "lr_classifier": opt.param_groups[1]["lr"]})
         log.info("semisup %g%% epoch %d/%d loss %.4f test mAP %.2f", settings.percent, epoch + 1, settings.epochs,
                  history[-1]["train_loss"], 100 * m)
-    m_final, ap_final, info = final
-    if best[2] is None:
-        best = (m_final, settings.epochs - 1, ap_final)
-    return ProbeResult(map_final=m_final, map_best=best[0], best_epoch=best[1], ap_final=ap_final, ap_best=best[2],
-                       positives=info["positives"], class_names=list(train_set.class_names),
-                       excluded=list(info["excluded_names"]), history=history, num_train=len(train_set),
-                       num_test=info["num_samples"], seconds=time.perf_counter() - t0, mode="semisup",
+    return maps.result(settings.epochs - 1, history, len(train_set), time.perf_counter() - t0, mode="semisup",
                        extra={"percent": settings.percent})
 
 

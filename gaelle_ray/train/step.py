@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gaelle_ray.data.augment import ColourAugment, ColourConfig
-from gaelle_ray.losses.gaelle import LossSettings, LossTerms, NonFiniteLossError, gaelle_losses
+from gaelle_ray.data.colour import ColourAugment
+from gaelle_ray.losses.gaelle import LossSettings, LossTerms, NonFiniteLossError, gaelle_losses, local_pairs
 from gaelle_ray.losses.queue import EmbeddingQueue, per_worker_length
 from gaelle_ray.train.optim import build_optimizer, drop_prototype_gradients, learning_rate, set_learning_rate
 
@@ -87,7 +87,7 @@ class GaelleStepper:
         self.optimizer = build_optimizer(self.model, config.optim)
         self.amp_dtype = autocast_dtype(config, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.colour = (ColourAugment(ColourConfig.from_config(config), seed=config.train.seed * 1000 + rank, device=device)
+        self.colour = (ColourAugment(config.augmentation, seed=config.train.seed * 1000 + rank, device=device)
                        if config.augmentation.colour_on_device else None)
         self.queue: EmbeddingQueue | None = None
         self.local_queue: EmbeddingQueue | None = None
@@ -125,12 +125,17 @@ class GaelleStepper:
             out.append(c)
         return out
 
-    def _slot_perm(self) -> torch.Tensor | None:
-        """One permutation of the S slots per iteration, the same on every worker."""
+    def slot_perms(self) -> torch.Tensor | None:
+        """(P, S): a new permutation of the S slots for each (code crop, predicting crop) pair
+        of the local loss (`local_pairs` order), as the released step draws them; the same on
+        every worker (seeded by train.seed and the iteration). None when loss.local_shuffle
+        is off."""
         if not self.config.loss.local_shuffle:
             return None
+        st = self.settings
         g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.iteration)
-        return torch.randperm(self.settings.n_slots, generator=g).to(self.device)
+        pairs = local_pairs(st.crops_for_assign, st.n_global)
+        return torch.stack([torch.randperm(st.n_slots, generator=g) for _ in pairs]).to(self.device)
 
     def _all_finite(self, finite: bool) -> bool:
         """Every worker must agree to skip, or DDP's gradient all-reduce would hang."""
@@ -157,7 +162,7 @@ class GaelleStepper:
         terms: LossTerms | None = None
         error: NonFiniteLossError | None = None
         try:
-            terms = gaelle_losses(out, self.settings, slot_perm=self._slot_perm(), queue_scores=queue_scores,
+            terms = gaelle_losses(out, self.settings, slot_perms=self.slot_perms(), queue_scores=queue_scores,
                                   local_queue_scores=local_queue_scores, group=self.group)
         except NonFiniteLossError as exc:
             error = exc

@@ -103,6 +103,7 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
                          "pass --resume to continue it, or choose another train.run_dir")
     if resume and done is None:
         log.warning("--resume: no checkpoint in %s, starting from epoch 0", run_uri)
+    check_online_data(config)
 
     # Ray and the CPU budget first: nothing is written before the setup is known to run.
     # A local instance gets at least enough logical CPUs for the workers and two crop tasks.
@@ -141,6 +142,24 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     if track:
         tracking.end_run(tracking_uri, run_id)
     return PretrainResult(tc.run_dir, checkpoint, metrics, tracking_uri, run_id)
+
+
+def check_online_data(config: Config) -> None:
+    """With online evaluation on: its query split must not be in the pretraining data (the
+    leakage guard; eval.allow_overlap lets it run with a warning). Raises ValueError."""
+    from gaelle_ray.eval.leakage import check_overlap
+    from gaelle_ray.eval.online import OnlineSettings
+
+    online = OnlineSettings.from_config(config)
+    if online is None:
+        return
+    try:
+        check_overlap(config.data.shards, online.data, online.query_split, config.eval.allow_overlap,
+                      pretrain_splits=[config.data.split])
+    except FileNotFoundError as exc:
+        raise ValueError(f"eval.online_every_epochs = {config.eval.online_every_epochs}: cannot read the "
+                         f"online evaluation data {online.data!r} ({exc}); set eval.online_data, or 0 to "
+                         "turn online evaluation off") from None
 
 
 def _log_config_artifact(config: Config, uri: str, run_id: str) -> None:
@@ -186,6 +205,11 @@ def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint:
         fig = viz.plot_loss_curves(state["history"], nmb_prototypes=config.model.nmb_prototypes,
                                    title=f"GAELLE pretraining, {config.model.arch}")
         files = [viz.save_figure(fig, pictures / "loss_curves.png")]
+        baseline = (state.get("online") or {}).get("baseline")
+        if baseline is not None or any("online_map" in r for r in state["history"]):
+            fig = viz.plot_online_map(state["history"], baseline,
+                                      title=f"online k-NN mAP, {config.model.arch} ({config.eval.dataset})")
+            files.append(viz.save_figure(fig, pictures / "online_map.png"))
         images = _validation_images(config, count=4, size=config.augmentation.size_crops[0])
         if images is not None:
             fig = viz.plot_attention(images[0], viz.attention_maps(model, images[1]))
@@ -204,7 +228,7 @@ def _validation_images(config: Config, count: int, size: int):
     import torch
     from PIL import Image
 
-    from gaelle_ray.data.augment import MEAN, STD
+    from gaelle_ray.config import MEAN, STD
     from gaelle_ray.data.shards import list_shards
 
     for split in (config.eval.test_split, config.data.split):

@@ -1,4 +1,5 @@
-"""CPU multi-crop: RandomResizedCrop sampling, decode, crop, flip, batch assembly (method.md 1)."""
+"""CPU multi-crop: crop settings, RandomResizedCrop sampling, decode, crop, flip, and the one
+batch path (multicrop_images) with and without the colour half (method.md 1)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TVF
 from PIL import Image
 
-from gaelle_ray.data.crops import (CropBox, DecodeError, DecodeOptions, MultiCropSpec,
-                                   decode_and_crop, draft_scale, multicrop_batch, render_crops,
-                                   sample_crop_plan, sample_rrc_params)
+from gaelle_ray.config import AugmentationConfig
+from gaelle_ray.data.crops import (CropBox, DecodeError, DecodeOptions, decode_and_crop,
+                                   draft_scale, multicrop_images, render_crops, sample_crop_plan,
+                                   sample_rrc_params)
 
-SMALL = MultiCropSpec(size_crops=[48, 24], nmb_crops=[2, 3], min_scale_crops=[0.14, 0.05],
-                      max_scale_crops=[1.0, 0.14])
+SMALL = AugmentationConfig(size_crops=[48, 24], nmb_crops=[2, 3], min_scale_crops=[0.14, 0.05],
+                           max_scale_crops=[1.0, 0.14])
 
 
 def _pixels(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -41,25 +43,28 @@ def jpegs() -> list[bytes]:
     return [_jpeg(160 + 8 * i, 120 - 4 * i, seed=i) for i in range(6)]
 
 
-# ---------------------------------------------------------------------- spec
+# ---------------------------------------------------------------------- crop settings
 
 
-def test_spec_defaults_follow_method_and_validate():
-    spec = MultiCropSpec()
-    assert spec.crop_sizes() == [224, 224] + [96] * 6
-    assert spec.crop_scales()[0] == (0.14, 1.0) and spec.crop_scales()[-1] == (0.05, 0.14)
-    assert spec.total_crops == 8 and spec.ratio == pytest.approx((0.75, 4 / 3))
+def test_crop_settings_defaults_follow_method_and_validate():
+    aug = AugmentationConfig()
+    assert aug.crop_sizes() == [224, 224] + [96] * 6
+    assert aug.crop_scales()[0] == (0.14, 1.0) and aug.crop_scales()[-1] == (0.05, 0.14)
+    assert aug.num_crops == 8 and aug.num_global_crops == 2
+    assert aug.ratio == pytest.approx((0.75, 4 / 3))
     assert isinstance(SMALL.size_crops, tuple)  # lists are stored as tuples (hashable)
     hash(SMALL)
-    bad = [dict(nmb_crops=[2]), dict(size_crops=[]), dict(size_crops=[224, 0]),
-           dict(nmb_crops=[2, -1]), dict(min_scale_crops=[0.5, 0.05], max_scale_crops=[0.4, 0.14]),
-           dict(ratio=(1.5, 1.0)), dict(size_crops=224)]
-    for kwargs in bad:
-        with pytest.raises(ValueError, match="MultiCropSpec"):
-            MultiCropSpec(**kwargs)
-    with pytest.raises(ValueError, match="equal length"):
-        MultiCropSpec(size_crops=[224, 96], nmb_crops=[2, 6], min_scale_crops=[0.1],
-                      max_scale_crops=[1.0, 0.2])
+    bad = [(dict(nmb_crops=[2]), "size_crops"), (dict(size_crops=[]), "size_crops"),
+           (dict(size_crops=[224, 0]), "size_crops"), (dict(nmb_crops=[2, -1]), "nmb_crops"),
+           (dict(min_scale_crops=[0.5, 0.05], max_scale_crops=[0.4, 0.14]), "min_scale_crops"),
+           (dict(ratio=(1.5, 1.0)), "ratio"), (dict(size_crops=224), "size_crops"),
+           (dict(size_crops=[224.0, 96]), r"size_crops\[0\]"), (dict(ratio=(1.0,)), "ratio")]
+    for kwargs, key in bad:
+        with pytest.raises(ValueError, match=f"augmentation.{key}"):
+            AugmentationConfig(**kwargs)
+    with pytest.raises(ValueError, match="same length"):
+        AugmentationConfig(size_crops=[224, 96], nmb_crops=[2, 6], min_scale_crops=[0.1],
+                           max_scale_crops=[1.0, 0.2])
 
 
 # ---------------------------------------------------------------------- RandomResizedCrop params
@@ -123,6 +128,27 @@ def test_plan_flips_half_of_the_crops():
     assert abs(np.mean(flips) - 0.5) < 4.5 * math.sqrt(0.25 / len(flips))
 
 
+def test_plan_boxes_follow_each_resolution_scale_and_the_ratio():
+    """Crop k of a plan is drawn from the scale range of its own resolution (global crops
+    first) and the aspect-ratio range of the settings."""
+    height, width = 120, 160
+    aug = AugmentationConfig(size_crops=[48, 24], nmb_crops=[2, 3], min_scale_crops=[0.3, 0.05],
+                             max_scale_crops=[1.0, 0.12], ratio=(0.5, 2.0))
+    rng = np.random.default_rng(5)
+    boxes = [sample_crop_plan(height, width, aug, rng) for _ in range(400)]
+    area = np.array([[b.height * b.width for b in plan] for plan in boxes]) / (height * width)
+    slack = (height + width + 1) / (height * width)  # rounding of h and w
+    assert area.shape == (400, 5)
+    (glo, ghi), (llo, lhi) = (0.3, 1.0), (0.05, 0.12)
+    assert area[:, :2].min() >= glo - slack and area[:, :2].max() <= ghi + slack
+    assert area[:, 2:].min() >= llo - slack and area[:, 2:].max() <= lhi + slack
+    assert area[:, :2].min() < glo + 0.1 and area[:, :2].max() > ghi - 0.1  # the range is used
+    assert area[:, 2:].min() < llo + 0.02 and area[:, 2:].max() > lhi - 0.02
+    aspect = np.array([b.width / b.height for plan in boxes for b in plan])
+    assert aspect.min() >= 0.5 * 0.9 and aspect.max() <= 2.0 * 1.1
+    assert aspect.min() < 0.6 and aspect.max() > 1.6  # beyond the default (3/4, 4/3)
+
+
 def test_image_size_errors():
     with pytest.raises(ValueError, match="positive"):
         sample_rrc_params(0, 10, (0.1, 1.0), (0.75, 1.33), np.random.default_rng(0))
@@ -132,7 +158,7 @@ def test_image_size_errors():
 
 
 def test_decode_and_crop_shapes_and_order():
-    crops = decode_and_crop(_jpeg(640, 480), MultiCropSpec(), np.random.default_rng(0))
+    crops = decode_and_crop(_jpeg(640, 480), AugmentationConfig(), np.random.default_rng(0))
     assert [c.shape for c in crops] == [(224, 224, 3)] * 2 + [(96, 96, 3)] * 6
     assert all(c.dtype == np.uint8 and c.flags["C_CONTIGUOUS"] for c in crops)
     assert all(c.std() > 5 for c in crops)  # real content, not blank
@@ -146,12 +172,12 @@ def test_same_seed_same_crops_other_seed_other_crops(jpegs):
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-def _torchvision_crops(jpeg: bytes, spec: MultiCropSpec, seed: int) -> list[np.ndarray]:
+def _torchvision_crops(jpeg: bytes, aug: AugmentationConfig, seed: int) -> list[np.ndarray]:
     """The same boxes and flips, cut with torchvision on the PIL image (the reference)."""
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    plan = sample_crop_plan(img.height, img.width, spec, np.random.default_rng(seed))
+    plan = sample_crop_plan(img.height, img.width, aug, np.random.default_rng(seed))
     out = []
-    for box, size in zip(plan, spec.crop_sizes()):
+    for box, size in zip(plan, aug.crop_sizes()):
         crop = TVF.resized_crop(img, box.top, box.left, box.height, box.width, [size, size],
                                 interpolation=T.InterpolationMode.BILINEAR, antialias=True)
         out.append(np.asarray(TVF.hflip(crop) if box.flip else crop))
@@ -217,14 +243,14 @@ def _smooth_jpeg(width: int, height: int) -> bytes:
 
 def test_draft_decode_is_close_to_full_decode():
     jpeg = _smooth_jpeg(1200, 900)
-    spec = MultiCropSpec(size_crops=[64], nmb_crops=[4], min_scale_crops=[0.3],
-                         max_scale_crops=[1.0])
-    plan = sample_crop_plan(900, 1200, spec, np.random.default_rng(0))
-    assert draft_scale(plan, spec.crop_sizes(), 2.0) >= 2  # the reduced decode is exercised
+    aug = AugmentationConfig(size_crops=[64], nmb_crops=[4], min_scale_crops=[0.3],
+                             max_scale_crops=[1.0])
+    plan = sample_crop_plan(900, 1200, aug, np.random.default_rng(0))
+    assert draft_scale(plan, aug.crop_sizes(), 2.0) >= 2  # the reduced decode is exercised
     assert DecodeOptions().draft_min_ratio == 0  # off unless asked for
     for backend in ("torch", "pil"):
-        full = decode_and_crop(jpeg, spec, np.random.default_rng(0), DecodeOptions(backend))
-        draft = decode_and_crop(jpeg, spec, np.random.default_rng(0),
+        full = decode_and_crop(jpeg, aug, np.random.default_rng(0), DecodeOptions(backend))
+        draft = decode_and_crop(jpeg, aug, np.random.default_rng(0),
                                 DecodeOptions(backend=backend, draft_min_ratio=2.0))
         for f, d in zip(full, draft):
             assert f.shape == d.shape
@@ -262,75 +288,72 @@ def test_decode_options_validate():
             DecodeOptions(**kwargs)
 
 
-# ---------------------------------------------------------------------- batches
+# ---------------------------------------------------------------------- batches: multicrop_images
 
 
-def _batch(records: list, ids=None) -> dict:
-    ids = np.arange(len(records)) + 100 if ids is None else ids
-    return {"jpeg": np.array(records, dtype=object), "image_id": np.asarray(ids),
-            "labels": np.zeros((len(records), 4), dtype=np.uint8)}
+def _rngs(seed: int, n: int) -> list[np.random.Generator]:
+    """One generator per image, as the stream gives each image its own."""
+    return [np.random.default_rng((seed, b)) for b in range(n)]
 
 
-def test_multicrop_batch_shapes_and_consistency(jpegs):
-    out = multicrop_batch(_batch(jpegs[:4]), SMALL, np.random.default_rng(3))
+def test_multicrop_images_shapes_and_consistency(jpegs):
+    rngs = _rngs(3, 4)
+    out, kept = multicrop_images(jpegs[:4], SMALL, rngs)
+    assert sorted(out) == ["crops_0", "crops_1"]
     assert out["crops_0"].shape == (4, 2, 3, 48, 48) and out["crops_0"].dtype == np.uint8
     assert out["crops_1"].shape == (4, 3, 3, 24, 24) and out["crops_1"].dtype == np.uint8
-    assert out["valid"].tolist() == [True] * 4 and out["skipped"].tolist() == [0] * 4
-    assert out["image_id"].tolist() == [100, 101, 102, 103]
-    assert "labels" not in out and "jpeg" not in out
-    # row b, crop k is decode_and_crop's crop, channel-first, with the same stream of draws
-    rng = np.random.default_rng(3)
-    for b in range(4):
+    assert kept.dtype == bool and kept.tolist() == [True] * 4
+    # row b, crop k is decode_and_crop's crop of image b with its own rng, channel-first;
+    # then one more draw of that rng (the colour seed), colour or not
+    for b, rng in enumerate(_rngs(3, 4)):
         ref = decode_and_crop(jpegs[b], SMALL, rng)
         for k in range(2):
             np.testing.assert_array_equal(out["crops_0"][b, k], ref[k].transpose(2, 0, 1))
         for k in range(3):
             np.testing.assert_array_equal(out["crops_1"][b, k], ref[2 + k].transpose(2, 0, 1))
+        rng.integers(0, 2**63 - 1)
+        assert rng.random() == rngs[b].random()
 
 
-def test_multicrop_batch_drops_and_counts_bad_records(jpegs):
+def test_multicrop_images_drops_undecodable_records(jpegs):
     records = [jpegs[0], b"garbage", jpegs[1], jpegs[2][:300], jpegs[3]]
-    out = multicrop_batch(_batch(records), SMALL, np.random.default_rng(0),
-                          passthrough=("image_id", "labels"))
-    assert out["image_id"].tolist() == [100, 102, 104]
-    assert out["crops_0"].shape[0] == 3 and out["labels"].shape == (3, 4)
-    assert out["valid"].all() and out["skipped"].tolist() == [2, 0, 0]
-    # keep the rows instead
-    kept = multicrop_batch(_batch(records), SMALL, np.random.default_rng(0), drop_invalid=False)
-    assert kept["valid"].tolist() == [True, False, True, False, True]
-    assert kept["skipped"].tolist() == [0, 1, 0, 1, 0]
-    assert kept["crops_1"][1].max() == 0 and kept["crops_1"].shape[0] == 5
+    out, kept = multicrop_images(records, SMALL, _rngs(0, 5))
+    assert kept.tolist() == [True, False, True, False, True]
+    assert out["crops_0"].shape[0] == 3 and out["crops_1"].shape[0] == 3
+    for n, b in enumerate((0, 2, 4)):  # the decodable images, in input order
+        ref = decode_and_crop(records[b], SMALL, _rngs(0, 5)[b])
+        np.testing.assert_array_equal(out["crops_1"][n, 2], ref[4].transpose(2, 0, 1))
 
 
-def test_multicrop_batch_all_bad_keeps_the_count():
-    out = multicrop_batch(_batch([b"x", b"y", b"z"]), SMALL, np.random.default_rng(0))
-    assert out["valid"].tolist() == [False] and out["skipped"].tolist() == [3]
-    assert out["image_id"].tolist() == [100] and out["crops_0"].shape == (1, 2, 3, 48, 48)
-    empty = multicrop_batch(_batch([]), SMALL, np.random.default_rng(0))
-    assert empty["crops_0"].shape == (0, 2, 3, 48, 48) and empty["skipped"].shape == (0,)
+def test_multicrop_images_all_bad_and_empty():
+    out, kept = multicrop_images([b"x", b"y", None], SMALL, _rngs(0, 3))
+    assert kept.tolist() == [False] * 3
+    assert out["crops_0"].shape == (0, 2, 3, 48, 48) and out["crops_1"].shape == (0, 3, 3, 24, 24)
+    empty, kept = multicrop_images([], SMALL, [], colour=True)
+    assert kept.shape == (0,) and empty["crops_0"].shape == (0, 2, 3, 48, 48)
+    assert empty["crops_0"].dtype == np.float16
 
 
-def test_multicrop_batch_needs_jpeg_column():
-    with pytest.raises(ValueError, match="'jpeg'"):
-        multicrop_batch({"image": []}, SMALL, np.random.default_rng(0))
+def test_multicrop_images_needs_one_rng_per_image(jpegs):
+    with pytest.raises(ValueError, match="one rng per image"):
+        multicrop_images(jpegs[:2], SMALL, _rngs(0, 1))
 
 
-def test_multicrop_batch_accepts_a_list_column(jpegs):
-    out = multicrop_batch({"jpeg": list(jpegs[:2]), "image_id": [5, 6]}, SMALL,
-                          np.random.default_rng(0))
-    assert out["crops_0"].shape[0] == 2 and out["image_id"].tolist() == [5, 6]
+def test_multicrop_images_accepts_any_sequence(jpegs):
+    for records in (tuple(jpegs[:2]), np.array(jpegs[:2], dtype=object)):
+        out, kept = multicrop_images(records, SMALL, _rngs(0, 2))
+        assert out["crops_0"].shape[0] == 2 and kept.tolist() == [True, True]
 
 
-def test_multicrop_batch_colour_on_cpu(jpegs):
-    out = multicrop_batch(_batch(jpegs[:3] + [b"bad"]), SMALL, np.random.default_rng(4),
-                          colour_on_cpu=True)
+def test_multicrop_images_colour_on_cpu(jpegs):
+    records = jpegs[:3] + [b"bad"]
+    out, kept = multicrop_images(records, SMALL, _rngs(4, 4), colour=True)
     assert out["crops_0"].dtype == np.float16 and out["crops_0"].shape == (3, 2, 3, 48, 48)
     assert out["crops_1"].dtype == np.float16 and out["crops_1"].shape == (3, 3, 3, 24, 24)
     x = out["crops_0"].astype(np.float32)
     assert np.isfinite(x).all() and x.min() >= -2.2 and x.max() <= 2.7  # normalised range
-    assert out["skipped"].sum() == 1
-    again = multicrop_batch(_batch(jpegs[:3] + [b"bad"]), SMALL, np.random.default_rng(4),
-                            colour_on_cpu=True)
+    assert kept.tolist() == [True, True, True, False]
+    again, _ = multicrop_images(records, SMALL, _rngs(4, 4), colour=True)
     np.testing.assert_array_equal(out["crops_1"], again["crops_1"])
 
 
@@ -350,21 +373,23 @@ def test_reference_pipeline_produces_normalised_crops(jpegs):
     assert all(c.dtype == torch.float32 and c.min() >= -2.2 and c.max() <= 2.7 for c in crops)
 
 
-def test_multicrop_batch_colour_on_cpu_is_the_batched_colour_of_its_crops(jpegs):
-    """colour_on_cpu runs the fast CPU colour path: the batched float32 ops on the same
-    uint8 crops with the same parameters agree within float16 output rounding."""
-    from gaelle_ray.data.augment import ColourAugment
+def test_multicrop_images_colour_is_the_batched_colour_of_its_crops(jpegs):
+    """colour=True runs the fast CPU colour path: the batched float32 ops on the same uint8
+    crops with the same parameters agree within float16 output rounding."""
+    from gaelle_ray.data.colour import ColourAugment
+    from gaelle_ray.data.colour_ops import ColourParams, sample_colour_params
 
-    rng_seed = 11
-    plain = multicrop_batch(_batch(jpegs[:3]), SMALL, np.random.default_rng(rng_seed))
-    coloured = multicrop_batch(_batch(jpegs[:3]), SMALL, np.random.default_rng(rng_seed),
-                               colour_on_cpu=True)
-    # the colour seed is the next draw of the crop rng (see multicrop_batch)
-    rng = np.random.default_rng(rng_seed)
-    multicrop_batch(_batch(jpegs[:3]), SMALL, rng)
-    reference = ColourAugment(seed=int(rng.integers(0, 2**63 - 1)), backend="batched")
-    for r in range(2):
-        ref = reference(torch.from_numpy(plain[f"crops_{r}"])).numpy()
+    plain, _ = multicrop_images(jpegs[:3], SMALL, _rngs(11, 3))
+    coloured, _ = multicrop_images(jpegs[:3], SMALL, _rngs(11, 3), colour=True)
+    # image b's colour seed is the next draw of its rng after its crops (see multicrop_images)
+    generators = []
+    for b, rng in enumerate(_rngs(11, 3)):
+        decode_and_crop(jpegs[b], SMALL, rng)
+        generators.append(torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1))))
+    reference = ColourAugment(SMALL, backend="batched")
+    for r, count in enumerate(SMALL.nmb_crops):
+        params = ColourParams.cat([sample_colour_params(count, g, cfg=SMALL) for g in generators])
+        ref = reference(torch.from_numpy(plain[f"crops_{r}"]), params).numpy()
         got = coloured[f"crops_{r}"].astype(np.float32)
         np.testing.assert_allclose(got, ref, atol=1e-2, rtol=2e-3)
 
@@ -396,11 +421,11 @@ def test_torchvision_decoder_gives_pils_pixels(mode, save):
 
 
 def test_both_decoders_give_the_same_crops(jpegs):
-    spec = MultiCropSpec(size_crops=[64, 24], nmb_crops=[2, 4], min_scale_crops=[0.14, 0.05],
-                         max_scale_crops=[1.0, 0.14])
+    aug = AugmentationConfig(size_crops=[64, 24], nmb_crops=[2, 4], min_scale_crops=[0.14, 0.05],
+                             max_scale_crops=[1.0, 0.14])
     for i, jpeg in enumerate(jpegs[:3] + [_jpeg(130, 90, mode="L")]):
-        tv = decode_and_crop(jpeg, spec, np.random.default_rng(i), DecodeOptions())
-        pil = decode_and_crop(jpeg, spec, np.random.default_rng(i), DecodeOptions(decoder="pil"))
+        tv = decode_and_crop(jpeg, aug, np.random.default_rng(i), DecodeOptions())
+        pil = decode_and_crop(jpeg, aug, np.random.default_rng(i), DecodeOptions(decoder="pil"))
         for a, b in zip(tv, pil):
             np.testing.assert_array_equal(a, b)
 

@@ -1,5 +1,5 @@
 """The Ray Data pretraining stream: work items, per-image determinism, epochs, skipped
-records, worker-side batching, CPU budget. One local Ray instance for the whole module."""
+records, worker-side batching. One local Ray instance for the whole module."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from gaelle_ray.config import Config  # noqa: E402
 from gaelle_ray.data import pipeline  # noqa: E402
-from gaelle_ray.data.augment import normalize  # noqa: E402
-from gaelle_ray.data.shards import prepare_toy  # noqa: E402
+from gaelle_ray.data.colour_ops import normalize  # noqa: E402
+from gaelle_ray.data.prepare import prepare_toy  # noqa: E402
 
 N_IMAGES = 48
 SIZES, COUNTS = (32, 16), (2, 3)
@@ -97,18 +97,6 @@ def test_steps_per_epoch_drops_the_last_partial_global_batch(shards_dir):
         pipeline.steps_per_epoch(config, 48, 0)
 
 
-def test_check_cpu_budget():
-    assert pipeline.check_cpu_budget(4, 2, 1.0, 1.0) == 2
-    assert pipeline.check_cpu_budget(3, 2, 1.0, 1.0) == 1
-    assert pipeline.check_cpu_budget(2.5, 2, 1.0, 0.5) == 0.5
-    with pytest.raises(ValueError, match="deadlock"):
-        pipeline.check_cpu_budget(2, 2, 1.0, 1.0)  # the classic local 2-CPU deadlock
-    with pytest.raises(ValueError, match="data.crop_cpus"):
-        pipeline.check_cpu_budget(8, 2, 3.0, 3.0)
-    with pytest.raises(ValueError, match="crop_cpus"):
-        pipeline.check_cpu_budget(8, 1, 1.0, 0.0)
-
-
 def test_count_rows_and_max_images(shards_dir):
     assert pipeline.count_rows(_config(shards_dir)) == N_IMAGES
     config = _config(shards_dir, data={"max_images": 25})
@@ -161,7 +149,7 @@ def test_colour_in_the_stream_is_float16_normalised(shards_dir):
     plain = pipeline.StreamPlan.from_config(_config(shards_dir, augmentation=off))
     coloured = pipeline.StreamPlan.from_config(
         _config(shards_dir, augmentation={**off, "colour_on_device": False}))
-    assert plain.colour is None and coloured.colour is not None
+    assert not plain.colour_in_stream and coloured.colour_in_stream
     a = pipeline.crop_item(plain, 0, plain.items[0])
     b = pipeline.crop_item(coloured, 0, coloured.items[0])
     np.testing.assert_array_equal(a["image_id"], b["image_id"])
@@ -173,6 +161,23 @@ def test_colour_in_the_stream_is_float16_normalised(shards_dir):
         expected = normalize(x).view(b[f"crops_{r}"].shape)
         torch.testing.assert_close(torch.from_numpy(b[f"crops_{r}"]).float(), expected,
                                    atol=2e-3, rtol=2e-3)
+
+
+def test_crop_item_skips_and_counts_undecodable_records(shards_dir, corrupt_dir):
+    """Without Ray: the corrupt record of shard 0 (row 3) is dropped, counted on the item's
+    first row, and the other rows keep the crops they have in the intact shards."""
+    plan = pipeline.StreamPlan.from_config(_config(corrupt_dir), rows_per_item=8)
+    out = pipeline.crop_item(plan, 0, plan.items[0])  # shard 0 rows 0..8
+    assert len(out["image_id"]) == 7 and out["skipped"].tolist() == [1] + [0] * 6
+    assert out["epoch"].tolist() == [0] * 7
+    intact = pipeline.StreamPlan.from_config(_config(shards_dir), rows_per_item=8)
+    full = pipeline.crop_item(intact, 0, intact.items[0])
+    missing = set(full["image_id"].tolist()) - set(out["image_id"].tolist())
+    assert len(missing) == 1
+    where = {int(i): k for k, i in enumerate(full["image_id"])}
+    for k, image_id in enumerate(out["image_id"]):
+        for r in range(len(SIZES)):
+            np.testing.assert_array_equal(out[f"crops_{r}"][k], full[f"crops_{r}"][where[int(image_id)]])
 
 
 class _FakeIterator:

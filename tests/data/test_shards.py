@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +13,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from gaelle_ray.data import shards
-from gaelle_ray.data.shards import (list_shards, prepare_from_source, prepare_shards,
-                                    read_manifest, verify_shards)
-from gaelle_ray.data.sources import VOC_CLASSES, read_coco
+from gaelle_ray.data.shards import (list_shards, prepare_shards, read_manifest, shard_uri,
+                                    verify_shards)
+from gaelle_ray.data.sources import read_coco
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +130,17 @@ def test_file_uri(toy_records, tmp_path):
     assert paths[0] == uri + "/train/part-00000.parquet"
     table = pq.read_table(paths[0].removeprefix("file://"))
     assert table.num_rows == 10
+
+
+def test_shard_uri_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel = "train/part-00000.parquet"
+    assert shard_uri("out", rel) == f"{tmp_path}/out/{rel}"
+    assert shard_uri("out/manifest.json", rel) == f"{tmp_path}/out/{rel}"
+    assert shard_uri("manifest.json", rel) == f"{tmp_path}/{rel}"
+    assert shard_uri("s3://bucket/coco/", rel) == f"s3://bucket/coco/{rel}"
+    assert shard_uri("gs://bucket/coco/manifest.json", rel) == f"gs://bucket/coco/{rel}"
+    assert shard_uri("file:///data/coco", rel) == f"file:///data/coco/{rel}"
 
 
 def test_read_manifest_errors(tmp_path):
@@ -356,76 +366,3 @@ def test_invalid_settings_raise(tmp_path, image_writer, kwargs, message):
         prepare_shards(records, [], tmp_path / "out", **{"dataset_name": "x", **kwargs})
     with pytest.raises(ValueError, match="no records"):
         prepare_shards([], [], tmp_path / "out", dataset_name="x")
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def test_prepare_from_source_coco(tiny_toy, tmp_path):
-    root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    for split, info in tiny_toy["splits"].items():
-        shutil.copy(info["ann_file"], root / "annotations" / f"instances_{split}2017.json")
-        shutil.copytree(info["image_dir"], root / f"{split}2017")
-    manifest = prepare_from_source("coco", tmp_path / "out", root=str(root), year=2017,
-                                   shard_size=10)
-    assert manifest["dataset"] == "coco2017"
-    assert manifest["class_names"] == tiny_toy["class_names"]
-    assert {s: c["rows"] for s, c in manifest["counts"].items()} == {"train": 16, "val": 6}
-    assert manifest["source"]["kind"] == "coco" and manifest["source"]["year"] == 2017
-    assert manifest["source"]["stats"]["train"]["no_annotation"] == 0
-    only_val = prepare_from_source("coco", tmp_path / "out_val", root=str(root),
-                                   splits=["val"])
-    assert list(only_val["counts"]) == ["val"]
-
-
-def test_prepare_from_source_voc_keeps_difficult(tmp_path, image_writer):
-    base = tmp_path / "VOC2007"
-    main = base / "ImageSets" / "Main"
-    main.mkdir(parents=True)
-    ids = ["000001", "000002"]
-    for split in ("trainval", "test"):
-        (main / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        for cls in VOC_CLASSES:
-            value = {"dog": " 0", "cat": " 1"}.get(cls, "-1")
-            (main / f"{cls}_{split}.txt").write_text("".join(f"{i} {value}\n" for i in ids))
-    for n, i in enumerate(ids):
-        image_writer(base / "JPEGImages" / f"{i}.jpg", seed=n)
-    manifest = prepare_from_source("voc", tmp_path / "out", root=str(base))
-    assert manifest["dataset"] == "voc2007" and manifest["num_classes"] == 20
-    assert {s: c["rows"] for s, c in manifest["counts"].items()} == {"test": 2, "trainval": 2}
-    labels = pq.read_table(list_shards(tmp_path / "out", "test")[0])["labels"].to_pylist()
-    assert labels[0][VOC_CLASSES.index("dog")] == 255
-    assert labels[0][VOC_CLASSES.index("cat")] == 1
-
-
-def test_prepare_from_source_folder(tmp_path, image_writer):
-    image_writer(tmp_path / "pics" / "a.jpg")
-    image_writer(tmp_path / "pics" / "deep" / "b.png", fmt="PNG")
-    manifest = prepare_from_source("folder", tmp_path / "out", root=str(tmp_path / "pics"))
-    assert manifest["dataset"] == "pics" and manifest["class_names"] == []
-    assert manifest["counts"]["train"]["rows"] == 2
-    assert [c["from"] for c in manifest["converted"]] == ["PNG/RGB"]
-    table = _read_all(tmp_path / "out")
-    assert table["labels"].to_pylist() == [[], []]
-    with pytest.raises(ValueError, match="one split"):
-        prepare_from_source("folder", tmp_path / "o2", root=str(tmp_path / "pics"),
-                            splits=["a", "b"])
-
-
-def test_prepare_from_source_toy_is_reproducible(tmp_path):
-    a = prepare_from_source("toy", tmp_path / "a", n_train=6, n_val=3, image_size=32,
-                            shard_size=4)
-    b = prepare_from_source("toy", tmp_path / "b", n_train=6, n_val=3, image_size=32,
-                            shard_size=4)
-    assert a == b and a["dataset"] == "toy" and len(a["class_names"]) >= 10
-    assert a["source"] == {"kind": "toy", "n_train": 6, "n_val": 3, "image_size": 32,
-                           "seed": 0}
-    assert verify_shards(tmp_path / "a") == {"shards": 3, "rows": 9}
-
-
-def test_prepare_from_source_rejects_unknown_kind(tmp_path):
-    with pytest.raises(ValueError, match="unknown source kind 'imagenet'"):
-        prepare_from_source("imagenet", tmp_path / "out", root=str(tmp_path))
-    with pytest.raises(ValueError, match="root is required"):
-        prepare_from_source("coco", tmp_path / "out")

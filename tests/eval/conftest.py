@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gaelle_ray.config import Config
-from gaelle_ray.data.shards import prepare_toy
-from gaelle_ray.eval.linear import ProbeSettings
+from gaelle_ray.data.prepare import prepare_toy
+from gaelle_ray.eval.probe import ProbeSettings
 
 N_TRAIN, N_VAL = 32, 16
 

@@ -12,7 +12,7 @@ from gaelle_ray.eval.checkpoints import (
 )
 from gaelle_ray.model import build_model
 from gaelle_ray.model.weights import export_backbone
-from gaelle_ray.train.checkpoint import checkpoint_name, save_checkpoint
+from gaelle_ray.storage import checkpoint_name, save_checkpoint
 
 
 @pytest.fixture

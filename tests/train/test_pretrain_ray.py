@@ -13,7 +13,7 @@ import torchvision
 
 from gaelle_ray import tracking
 from gaelle_ray.config import load_config
-from gaelle_ray.data.shards import prepare_toy
+from gaelle_ray.data.prepare import prepare_toy
 from gaelle_ray.storage import load_checkpoint
 from gaelle_ray.train.trainer import PretrainStopped, pretrain
 

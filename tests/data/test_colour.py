@@ -1,4 +1,6 @@
-"""Batched colour augmentation against torchvision applied one sample at a time (method.md 1)."""
+"""The colour half of the augmentation (method.md 1): the batched ops (colour_ops) against
+torchvision applied one sample at a time, the CPU path (colour_cpu) against the batched
+ops, and ColourAugment's dispatch between them (colour)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from gaelle_ray.data import augment as A
+from gaelle_ray.config import MEAN, STD, AugmentationConfig
 from gaelle_ray.data import colour_cpu
-from gaelle_ray.data.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, ColourAugment,
-                                     ColourConfig, ColourParams)
+from gaelle_ray.data import colour_ops as A
+from gaelle_ray.data.colour import ColourAugment
+from gaelle_ray.data.colour_ops import (BRIGHTNESS, CONTRAST, HUE, SATURATION, ColourParams,
+                                        blur_kernel_size, factor_range)
 
 ATOL = 1e-5
 TV_JITTER = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast,
@@ -29,11 +33,11 @@ def _images(n: int = 6, h: int = 20, w: int = 28, seed: int = 0) -> torch.Tensor
     return x
 
 
-def _params(n: int, seed: int = 0, cfg: ColourConfig | None = None) -> ColourParams:
+def _params(n: int, seed: int = 0, cfg: AugmentationConfig | None = None) -> ColourParams:
     return A.sample_colour_params(n, torch.Generator().manual_seed(seed), cfg=cfg)
 
 
-def _naive(img: torch.Tensor, params: ColourParams, i: int, cfg: ColourConfig) -> torch.Tensor:
+def _naive(img: torch.Tensor, params: ColourParams, i: int, cfg: AugmentationConfig) -> torch.Tensor:
     """Sample i of the pipeline written straight from method.md with torchvision ops.
 
     img: (3, H, W) float in [0, 1] -> (3, H, W) normalised.
@@ -45,7 +49,7 @@ def _naive(img: torch.Tensor, params: ColourParams, i: int, cfg: ColourConfig) -
     if params.grayscale[i]:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if params.blur[i]:
-        k = cfg.kernel_size
+        k = blur_kernel_size(cfg)
         x = TF.gaussian_blur(x, [k, k], [float(params.sigma[i])] * 2)
     return TF.normalize(x, list(cfg.mean), list(cfg.std))
 
@@ -56,7 +60,7 @@ def _naive(img: torch.Tensor, params: ColourParams, i: int, cfg: ColourConfig) -
 @pytest.mark.parametrize("op", [BRIGHTNESS, CONTRAST, SATURATION, HUE])
 def test_jitter_op_matches_torchvision_per_sample(op):
     x = _images()
-    lo, hi = ColourConfig().factor_range(op)
+    lo, hi = factor_range(AugmentationConfig(), op)
     factor = torch.linspace(lo, hi, x.shape[0])
     fn = {BRIGHTNESS: A.adjust_brightness, CONTRAST: A.adjust_contrast,
           SATURATION: A.adjust_saturation, HUE: A.adjust_hue}[op]
@@ -106,9 +110,9 @@ def test_blur_rejects_images_smaller_than_padding():
 
 def test_normalize_matches_torchvision():
     x = _images()
-    ref = TF.normalize(x, list(A.MEAN), list(A.STD))
+    ref = TF.normalize(x, list(MEAN), list(STD))
     torch.testing.assert_close(A.normalize(x.clone()), ref, atol=ATOL, rtol=0)
-    assert A.STD[0] == 0.228
+    assert STD[0] == 0.228 and AugmentationConfig().std == STD and AugmentationConfig().mean == MEAN
 
 
 # ---------------------------------------------------------------------- whole pipeline
@@ -116,7 +120,7 @@ def test_normalize_matches_torchvision():
 
 def test_apply_colour_matches_naive_per_sample_loop():
     """Every sample (random order, grayscale, blur, normalise) against torchvision one by one."""
-    cfg = ColourConfig()
+    cfg = AugmentationConfig()
     x = _images(n=48, h=16, w=16, seed=1)
     params = _params(48, seed=2)
     assert params.jitter.any() and (~params.jitter).any() and params.blur.any()
@@ -127,7 +131,7 @@ def test_apply_colour_matches_naive_per_sample_loop():
 
 def test_random_order_is_honoured():
     """Same factors, different orders: each sample equals its own order applied sequentially."""
-    cfg = ColourConfig(grayscale_p=0.0, blur_p=0.0)
+    cfg = AugmentationConfig(grayscale_p=0.0, blur_p=0.0)
     orders = torch.tensor(list(itertools.permutations(range(4))))  # (24, 4)
     n = orders.shape[0]
     x = _images(n=1, h=12, w=12, seed=4).expand(n, -1, -1, -1).contiguous()
@@ -221,18 +225,18 @@ def test_jitter_orders_are_uniform_permutations():
 
 
 def test_custom_config_ranges_and_validation():
-    cfg = ColourConfig(brightness=0.4, hue=0.1, jitter_p=1.0, grayscale_p=0.0, blur_p=1.0,
-                       blur_sigma=(0.5, 1.0))
+    cfg = AugmentationConfig(brightness=0.4, hue=0.1, jitter_p=1.0, grayscale_p=0.0, blur_p=1.0,
+                             blur_sigma=(0.5, 1.0))
     p = _params(2000, cfg=cfg)
     assert p.jitter.all() and not p.grayscale.any() and p.blur.all()
     assert p.brightness.min() >= 0.6 and p.brightness.max() <= 1.4
     assert p.hue.abs().max() <= 0.1 and p.sigma.min() >= 0.5 and p.sigma.max() <= 1.0
-    assert ColourConfig().kernel_size == 13 and cfg.kernel_size == 7
-    assert ColourConfig(brightness=1.5).factor_range(BRIGHTNESS) == (0.0, 2.5)
+    assert blur_kernel_size(AugmentationConfig()) == 13 and blur_kernel_size(cfg) == 7
+    assert factor_range(AugmentationConfig(brightness=1.5), BRIGHTNESS) == (0.0, 2.5)
     for bad in (dict(hue=0.6), dict(jitter_p=1.2), dict(brightness=-1.0),
-                dict(blur_sigma=(2.0, 1.0)), dict(blur_kernel_size=4), dict(std=(0.2, 0.0, 0.2))):
-        with pytest.raises(ValueError):
-            ColourConfig(**bad)
+                dict(blur_sigma=(2.0, 1.0)), dict(std=(0.2, 0.0, 0.2)), dict(mean=(0.5, 0.5))):
+        with pytest.raises(ValueError, match=f"augmentation.{next(iter(bad))}"):
+            AugmentationConfig(**bad)
 
 
 # ---------------------------------------------------------------------- ColourAugment
@@ -300,7 +304,7 @@ def test_apply_colour_cpu_equals_batched_path(seed, compiled):
     """Same parameters, same function: within float32 rounding (<1e-4 normalised, i.e.
     < 0.01 grey level), for uint8 and float inputs, every programme of ops represented;
     with the torch.compile'd jitter kernels and with the eager ones."""
-    cfg = ColourConfig(compile_cpu=compiled)
+    cfg = AugmentationConfig(compile_cpu_colour=compiled)
     x = _crops_uint8(64, seed=seed)
     params = _params(64, seed=seed)
     assert len(set(map(tuple, params.order[params.jitter].tolist()))) > 15  # many orders
@@ -315,7 +319,7 @@ def test_apply_colour_cpu_equals_batched_path(seed, compiled):
 
 
 def test_apply_colour_cpu_matches_torchvision_per_sample():
-    cfg = ColourConfig()
+    cfg = AugmentationConfig()
     x = _crops_uint8(12, seed=4)
     params = _params(12, seed=4)
     fast = colour_cpu.apply_colour_cpu(x, params, cfg)
@@ -339,7 +343,7 @@ def test_apply_colour_cpu_edge_parameters():
                           sigma=torch.linspace(0.1, 2.0, n))
     ref = A.apply_colour(x, params)
     for compiled in (True, False):
-        out = colour_cpu.apply_colour_cpu(x, params, ColourConfig(compile_cpu=compiled))
+        out = colour_cpu.apply_colour_cpu(x, params, AugmentationConfig(compile_cpu_colour=compiled))
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -355,8 +359,8 @@ def test_compiled_kernels_are_used_and_match_the_eager_path():
             params.jitter[:] = torch.tensor([True, True, False])
             params.order[:2] = torch.tensor([[3, 0, 1, 2], [0, 3, 2, 1]])
             params.blur[:] = torch.tensor([False, True, False])
-        fast = colour_cpu.apply_colour_cpu(x, params, ColourConfig(compile_cpu=True))
-        slow = colour_cpu.apply_colour_cpu(x, params, ColourConfig(compile_cpu=False))
+        fast = colour_cpu.apply_colour_cpu(x, params, AugmentationConfig(compile_cpu_colour=True))
+        slow = colour_cpu.apply_colour_cpu(x, params, AugmentationConfig(compile_cpu_colour=False))
         torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
     assert set(compiled_kernels_status().values()) == {"compiled"}
 
@@ -376,16 +380,16 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     monkeypatch.setattr(C.torch, "compile", broken_compile)
     x = _crops_uint8(12, seed=7)
     params = _params(12, seed=7)
-    ref = C.apply_colour_cpu(x, params, ColourConfig(compile_cpu=False))
+    ref = C.apply_colour_cpu(x, params, AugmentationConfig(compile_cpu_colour=False))
     with caplog.at_level("WARNING", logger=C.__name__):
-        out = C.apply_colour_cpu(x, params, ColourConfig(compile_cpu=True))
+        out = C.apply_colour_cpu(x, params, AugmentationConfig(compile_cpu_colour=True))
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     failed = [s for s in C.compiled_kernels_status().values() if s.startswith("eager")]
     assert failed == ["eager: RuntimeError: no C++ compiler found"]  # the first one tried
     assert caplog.text.count("failed") == 1 and "no C++ compiler found" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger=C.__name__):  # later calls: eager, no new attempt
-        again = C.apply_colour_cpu(x, params, ColourConfig(compile_cpu=True))
+        again = C.apply_colour_cpu(x, params, AugmentationConfig(compile_cpu_colour=True))
     torch.testing.assert_close(again, ref, atol=0, rtol=0)
     assert "failed" not in caplog.text
 
@@ -396,7 +400,7 @@ def test_apply_colour_cpu_small_crops_fail_only_when_blurred(compiled):
     the normal result otherwise (both CPU paths)."""
     x = _crops_uint8(4, 6, 30, seed=12)
     params = _params(4, seed=12)
-    cfg = ColourConfig(compile_cpu=compiled)
+    cfg = AugmentationConfig(compile_cpu_colour=compiled)
     params.blur[:] = False
     torch.testing.assert_close(colour_cpu.apply_colour_cpu(x, params, cfg),
                                A.apply_colour(x, params, cfg), atol=1e-4, rtol=0)

@@ -1,137 +1,86 @@
-"""Batched colour half of the multi-crop augmentation (method.md section 1), on any torch device.
+"""The colour half of the multi-crop augmentation (method.md section 1) as batched tensor ops.
 
-Per crop, independently: colour jitter (brightness 0.8, contrast 0.8, saturation 0.8, hue 0.2,
-the four ops in a random order) with p=0.8; grayscale with p=0.2; Gaussian blur with
-p=0.5 and sigma (PIL's "radius") uniform in [0.1, 2.0]; normalise with mean
-(0.485, 0.456, 0.406) and std (0.228, 0.224, 0.225).
+Per crop, independently: colour jitter (brightness, contrast, saturation, hue in a random
+order) with probability ``jitter_p``, grayscale with ``grayscale_p``, Gaussian blur with
+``blur_p``, then normalisation. The settings are those of
+:class:`gaelle_ray.config.AugmentationConfig` (its defaults are method.md's).
 
-Every op works on a whole batch (N, 3, H, W) with one random parameter per sample and no
-Python loop over samples. The random jitter order is applied in four steps: at step ``s``
-each sample applies the op at position ``s`` of its own permutation; every op runs only on
-the samples that need it at that step (index, compute, scatter back), so the total work is
-that of applying each op once per sample. Each op equals the torchvision tensor op
-(``torchvision.transforms.v2.functional``) on a single float image with the same parameter.
+:class:`ColourParams` holds one random parameter set per crop, drawn by
+:func:`sample_colour_params`. Every op works on a whole batch (N, 3, H, W) with one
+parameter per sample and no Python loop over samples. The random jitter order is applied in
+four steps: at step ``s`` each sample applies the op at position ``s`` of its own
+permutation; every op runs only on the samples that need it at that step (index, compute,
+scatter back: :func:`apply_on_subset`), so the total work is that of applying each op once
+per sample. Each op equals the torchvision tensor op (``torchvision.transforms.v2.functional``)
+on a single float image with the same parameter.
 
-Parameters are drawn on a CPU ``torch.Generator`` by :class:`ColourAugment`, so computing
-the subsets needs no device synchronisation even when the images live on a GPU.
+Parameters are drawn on a CPU ``torch.Generator``, so computing the subsets needs no device
+synchronisation even when the images live on a GPU. :mod:`gaelle_ray.data.colour_cpu` lays
+the same function out for one CPU core; :class:`gaelle_ray.data.colour.ColourAugment`
+chooses between the two.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from gaelle_ray.config import MEAN, STD, AugmentationConfig
+
 __all__ = [
     "BRIGHTNESS",
     "CONTRAST",
-    "ColourAugment",
-    "ColourConfig",
     "ColourParams",
     "HUE",
     "JITTER_OPS",
-    "MEAN",
+    "LUMA",
     "SATURATION",
-    "STD",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
     "apply_colour",
     "apply_jitter",
+    "apply_on_subset",
+    "blur_kernel_size",
+    "check_blur_size",
+    "factor_range",
     "gaussian_blur",
     "gaussian_kernels",
+    "luminance",
     "normalize",
     "rgb_to_grayscale",
     "sample_colour_params",
     "to_unit_float",
 ]
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.228, 0.224, 0.225)  # 0.228, not ImageNet's 0.229: what the published runs used
-
 # Jitter op ids, in torchvision ColorJitter's numbering (fn_idx).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
-# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
-_LUMA = (0.2989, 0.587, 0.114)
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma weights (R, G, B), as torchvision's rgb_to_grayscale
 
 
-@dataclass(frozen=True)
-class ColourConfig:
-    """Colour augmentation settings; the defaults are method.md section 1.
+def factor_range(aug: AugmentationConfig, op: int) -> tuple[float, float]:
+    """Range the factor of jitter op ``op`` (BRIGHTNESS..HUE) is drawn from.
 
-    ``brightness``, ``contrast``, ``saturation``: jitter strength s, factor uniform in
-    ``[max(0, 1 - s), 1 + s]``; ``hue``: shift uniform in ``[-hue, hue]`` (fraction of a turn).
-    ``blur_kernel_size``: odd taps of the Gaussian kernel; None = ``2 * ceil(3 * max sigma) + 1``
-    (13 for sigma <= 2), which covers +-3 sigma as PIL's blur effectively does.
+    Brightness, contrast, saturation of strength s: ``[max(0, 1 - s), 1 + s]``; hue:
+    ``[-hue, hue]`` (a shift, in turns).
     """
+    if op == HUE:
+        return -aug.hue, aug.hue
+    s = getattr(aug, JITTER_OPS[op])
+    return max(0.0, 1.0 - s), 1.0 + s
 
-    brightness: float = 0.8
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_size: int | None = None
-    mean: tuple[float, float, float] = MEAN
-    std: tuple[float, float, float] = STD
-    compile_cpu: bool = True  # the CPU path (colour_cpu) as torch.compile'd kernels
 
-    @classmethod
-    def from_config(cls, config) -> "ColourConfig":
-        """The colour settings of a validated gaelle_ray.config.Config (its augmentation section)."""
-        a = config.augmentation
-        return cls(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
-                   jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
-                   blur_sigma=tuple(a.blur_sigma), mean=tuple(a.mean), std=tuple(a.std),
-                   compile_cpu=a.compile_cpu_colour)
-
-    def __post_init__(self) -> None:
-        for name in ("blur_sigma", "mean", "std"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ColourConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"ColourConfig.hue must be in [0, 0.5], got {self.hue}")
-        for name in ("jitter_p", "grayscale_p", "blur_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"ColourConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        self._validate_blur()
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"ColourConfig.mean/std must be 3 values with std > 0, "
-                             f"got {self.mean} / {self.std}")
-
-    def _validate_blur(self) -> None:
-        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"ColourConfig.blur_sigma must be (min, max) with 0 < min <= max, "
-                             f"got {self.blur_sigma}")
-        k = self.blur_kernel_size
-        bad_type = isinstance(k, bool) or not isinstance(k, int)
-        if k is not None and (bad_type or k <= 0 or k % 2 == 0):
-            raise ValueError(f"ColourConfig.blur_kernel_size must be a positive odd int, got {k!r}")
-
-    @property
-    def kernel_size(self) -> int:
-        """Taps of the Gaussian blur kernel actually used."""
-        if self.blur_kernel_size is not None:
-            return self.blur_kernel_size
-        return 2 * math.ceil(3.0 * self.blur_sigma[1]) + 1
-
-    def factor_range(self, op: int) -> tuple[float, float]:
-        """Range the factor of jitter op ``op`` (BRIGHTNESS..HUE) is drawn from."""
-        if op == HUE:
-            return -self.hue, self.hue
-        s = getattr(self, JITTER_OPS[op])
-        return max(0.0, 1.0 - s), 1.0 + s
+def blur_kernel_size(aug: AugmentationConfig) -> int:
+    """Taps of the Gaussian blur kernel: ``2 * ceil(3 * max sigma) + 1`` (13 for sigma <= 2),
+    which covers +-3 sigma as PIL's blur effectively does."""
+    return 2 * math.ceil(3.0 * aug.blur_sigma[1]) + 1
 
 
 @dataclass
@@ -165,18 +114,25 @@ class ColourParams:
         """(N,) factors of jitter op ``op``."""
         return getattr(self, JITTER_OPS[op])
 
+    @classmethod
+    def cat(cls, parts: Sequence["ColourParams"]) -> "ColourParams":
+        """Parameter sets of N_1, N_2, ... crops -> one set of sum(N_i) crops, in order."""
+        if not parts:
+            raise ValueError("ColourParams.cat needs at least one parameter set")
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
 
 def sample_colour_params(n: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None,
-                         cfg: ColourConfig | None = None) -> ColourParams:
-    """Draw the colour parameters of ``n`` crops (method.md section 1 by default).
+                         cfg: AugmentationConfig | None = None) -> ColourParams:
+    """Draw the colour parameters of ``n`` crops (settings ``cfg``; method.md's by default).
 
     Drawn on ``generator``'s device (CPU when None, using the global RNG), returned on
     ``device`` (the generator's device when None).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    cfg = ColourConfig() if cfg is None else cfg
+    cfg = AugmentationConfig() if cfg is None else cfg
     gdev = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -187,10 +143,10 @@ def sample_colour_params(n: int, generator: torch.Generator | None = None,
 
     params = ColourParams(
         jitter=bernoulli(cfg.jitter_p),
-        brightness=uniform(*cfg.factor_range(BRIGHTNESS)),
-        contrast=uniform(*cfg.factor_range(CONTRAST)),
-        saturation=uniform(*cfg.factor_range(SATURATION)),
-        hue=uniform(*cfg.factor_range(HUE)),
+        brightness=uniform(*factor_range(cfg, BRIGHTNESS)),
+        contrast=uniform(*factor_range(cfg, CONTRAST)),
+        saturation=uniform(*factor_range(cfg, SATURATION)),
+        hue=uniform(*factor_range(cfg, HUE)),
         # argsort of iid uniforms is a uniformly random permutation per row
         order=torch.rand(n, 4, generator=generator, device=gdev).argsort(dim=1),
         grayscale=bernoulli(cfg.grayscale_p),
@@ -229,7 +185,7 @@ def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.T
 def luminance(x: torch.Tensor) -> torch.Tensor:
     """x: (N, 3, H, W) -> (N, 1, H, W) luma (0.2989 R + 0.587 G + 0.114 B)."""
     r, g, b = x.unbind(dim=1)
-    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -302,8 +258,9 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def _check_blur_size(h: int, w: int, kernel_size: int) -> None:
-    """ValueError unless an h x w image can be reflect-padded by ``kernel_size // 2``."""
+def check_blur_size(h: int, w: int, kernel_size: int) -> None:
+    """ValueError unless an h x w image can be reflect-padded by ``kernel_size // 2`` (what
+    every blur of the package does, batched or on the CPU path)."""
     pad = kernel_size // 2
     if pad >= h or pad >= w:
         raise ValueError(f"blur kernel of {kernel_size} taps needs images larger than "
@@ -318,7 +275,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     """
     n, c, h, w = x.shape
     pad = kernel_size // 2
-    _check_blur_size(h, w, kernel_size)
+    check_blur_size(h, w, kernel_size)
     if n == 0:
         return x
     kernels = gaussian_kernels(sigma.to(device=x.device, dtype=torch.float32), kernel_size)
@@ -346,13 +303,17 @@ _JITTER_FNS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast,
                SATURATION: adjust_saturation, HUE: adjust_hue}
 
 
-def _apply_on_subset(x: torch.Tensor, mask: torch.Tensor, fn, *per_sample: torch.Tensor) -> None:
+def apply_on_subset(x: torch.Tensor, mask: torch.Tensor, fn: Callable[..., torch.Tensor],
+                    *per_sample: torch.Tensor) -> None:
     """x[i] = fn(x[i], per_sample[i]...) for the samples where mask is True, in place.
 
-    x: (N, 3, H, W); mask: (N,) bool; per_sample: tensors of shape (N,).
+    x: (N, C, H, W); mask: (N,) bool; per_sample: tensors of shape (N,). ``fn`` takes a
+    (M, C, H, W) batch and the M values of each per-sample tensor.
 
     ``mask`` and ``per_sample`` may live on another device than x (e.g. CPU parameters for
-    CUDA images): the indices are computed there, so no device sync is needed.
+    CUDA images): the indices are computed there, so no device sync is needed. Only the
+    selected samples are computed, which is what makes a per-sample random op cost its
+    share of the batch.
     """
     idx = mask.nonzero().squeeze(1)  # (M,)
     m = idx.numel()
@@ -371,100 +332,26 @@ def apply_jitter(x: torch.Tensor, params: ColourParams) -> torch.Tensor:
     for step in range(4):
         for op, fn in _JITTER_FNS.items():
             mask = params.jitter & (params.order[:, step] == op)  # (N,)
-            _apply_on_subset(x, mask, fn, params.factor(op))
+            apply_on_subset(x, mask, fn, params.factor(op))
     return x
 
 
-def apply_colour(x: torch.Tensor, params: ColourParams, cfg: ColourConfig | None = None,
+def apply_colour(x: torch.Tensor, params: ColourParams, cfg: AugmentationConfig | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x: (N, 3, H, W) uint8 or float in [0, 1] -> (N, 3, H, W) normalised ``dtype``.
 
-    Jitter (per-sample order) -> grayscale -> Gaussian blur -> normalise. ``x`` is not
-    modified; computation runs in ``dtype`` on x's device.
+    Jitter (per-sample order) -> grayscale -> Gaussian blur -> normalise with ``cfg``'s
+    mean/std and blur kernel size. ``x`` is not modified; computation runs in ``dtype`` on
+    x's device.
     """
-    cfg = ColourConfig() if cfg is None else cfg
+    cfg = AugmentationConfig() if cfg is None else cfg
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
     if len(params) != x.shape[0]:
         raise ValueError(f"got {len(params)} parameter sets for {x.shape[0]} images")
     y = to_unit_float(x, dtype)  # (N, 3, H, W), a fresh tensor
     apply_jitter(y, params)
-    _apply_on_subset(y, params.grayscale, rgb_to_grayscale)
-    ks = cfg.kernel_size
-    _apply_on_subset(y, params.blur, lambda t, s: gaussian_blur(t, s, ks), params.sigma)
+    apply_on_subset(y, params.grayscale, rgb_to_grayscale)
+    ks = blur_kernel_size(cfg)
+    apply_on_subset(y, params.blur, lambda t, s: gaussian_blur(t, s, ks), params.sigma)
     return normalize(y, cfg.mean, cfg.std)
-
-
-class ColourAugment:
-    """Callable colour half of the augmentation, with its own seeded CPU generator.
-
-    ``crops``: (..., 3, H, W) uint8 (or float in [0, 1]) on any device, e.g. one resolution
-    of a multi-crop batch (B, n_r, 3, S, S). Returns normalised crops of the same shape in
-    ``out_dtype`` on ``device`` (the input's device when None); every crop gets its own
-    parameters. The arithmetic runs in ``compute_dtype`` (float32 by default; float16 or
-    bfloat16 halve memory traffic on GPUs at a precision cost).
-
-    ``backend``: ``"auto"`` (default) runs
-    :func:`~gaelle_ray.data.colour_cpu.apply_colour_cpu` (same function, laid out for one
-    CPU core, 2-4x faster there) when the crops are on the CPU and ``compute_dtype`` is
-    float32, else the batched :func:`apply_colour`; ``"batched"`` always runs
-    :func:`apply_colour`; ``"cpu"`` always runs the CPU path.
-    """
-
-    def __init__(self, cfg: ColourConfig | None = None, seed: int = 0,
-                 device: torch.device | str | None = None,
-                 out_dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype = torch.float32, backend: str = "auto") -> None:
-        for name, dt in (("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
-            if not dt.is_floating_point:
-                raise ValueError(f"ColourAugment.{name} must be a floating dtype, got {dt}")
-        if backend not in ("auto", "batched", "cpu"):
-            raise ValueError(f"ColourAugment.backend must be 'auto', 'batched' or 'cpu', "
-                             f"got {backend!r}")
-        if backend == "cpu" and compute_dtype != torch.float32:
-            raise ValueError("ColourAugment.backend='cpu' computes in float32")
-        self.backend = backend
-        self.cfg = ColourConfig() if cfg is None else cfg
-        self.device = None if device is None else torch.device(device)
-        self.out_dtype = out_dtype
-        self.compute_dtype = compute_dtype
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(int(seed))
-
-    def sample(self, n: int) -> ColourParams:
-        """Parameters for ``n`` crops, on CPU (see :func:`sample_colour_params`)."""
-        return sample_colour_params(n, self.generator, None, self.cfg)
-
-    def __call__(self, crops: torch.Tensor, params: ColourParams | None = None) -> torch.Tensor:
-        """crops: (..., 3, H, W) -> normalised (..., 3, H, W) in ``out_dtype``.
-
-        ``params``: parameters for the prod(...) crops in row-major order (drawn from this
-        object's generator when None).
-        """
-        if crops.ndim < 4 or crops.shape[-3] != 3:
-            raise ValueError(f"expected crops of shape (..., 3, H, W), got {tuple(crops.shape)}")
-        lead, (c, h, w) = crops.shape[:-3], crops.shape[-3:]
-        if self.device is not None:
-            crops = crops.to(self.device, non_blocking=True)
-        flat = crops.reshape(-1, c, h, w)  # (N, 3, H, W), N = prod(leading dims)
-        params = self.sample(flat.shape[0]) if params is None else params
-        if self._cpu_path(flat):
-            from gaelle_ray.data.colour_cpu import apply_colour_cpu  # imports this module
-
-            out = apply_colour_cpu(flat, params, self.cfg, self.out_dtype)
-        else:
-            out = apply_colour(flat, params, self.cfg, self.compute_dtype).to(self.out_dtype)
-        return out.view(*lead, c, h, w)  # (..., 3, H, W)
-
-    def _cpu_path(self, crops: torch.Tensor) -> bool:
-        if self.backend == "cpu":
-            return True
-        return (self.backend == "auto" and crops.device.type == "cpu"
-                and self.compute_dtype == torch.float32)
-
-    def state_dict(self) -> dict:
-        """RNG state, for checkpoints."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
