@@ -7,7 +7,9 @@ by pair, float32 Sinkhorn per crop), same weights and inputs.
 
 Prints, per setting, the median time of the whole step and of the attention + heads +
 loss part alone (the backbone's feature maps computed once beforehand), and the ratios
-reference / vectorised; the last line is the median whole-step ratio over the settings.
+reference / vectorised, then the median whole-step ratio over the settings; last, the
+loss terms at COCO sizes (B = 64 and 256 per worker) computed per row, as now, against the
+one float32 contraction they replaced (old / new > 1: the exact form is not slower).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gaelle_ray.config import load_config
-from gaelle_ray.losses.gaelle import LossSettings, gaelle_losses
+from gaelle_ray.losses.gaelle import LossSettings, cross_entropy_pairs, gaelle_losses, local_loss, local_pairs
 from gaelle_ray.model.backbone import feature_map
 from gaelle_ray.model.gaelle import GaelleModel, GaelleOutput, semantic_attention
 from gaelle_ray.reference import naive_forward, naive_losses, naive_semantic_attention
@@ -67,17 +69,19 @@ def bench(name, config, batch, reps):
     fast_model = _model(config)
     ref_model = copy.deepcopy(fast_model)
     crops = _crops(config, batch)
-    perm = torch.randperm(settings.n_slots)
+    pairs = local_pairs(settings.crops_for_assign, settings.n_global)
+    perms = torch.stack([torch.randperm(settings.n_slots) for _ in pairs])  # (P, S)
+    perm_dict = {(settings.crops_for_assign[a], v): p.tolist() for (a, v), p in zip(pairs, perms)}
 
     def fast_step():
         fast_model.zero_grad(set_to_none=True)
-        gaelle_losses(fast_model(crops), settings, slot_perm=perm).total.backward()
+        gaelle_losses(fast_model(crops), settings, slot_perms=perms).total.backward()
 
     def ref_step():
         ref_model.zero_grad(set_to_none=True)
         out = naive_forward(ref_model, crops)
         naive_losses(out, batch, settings.n_global, settings.n_slots, lc.crops_for_assign, lc.temperature,
-                     lc.epsilon, lc.sinkhorn_iterations, perm.tolist(), sinkhorn_dtype=torch.float32)["total"].backward()
+                     lc.epsilon, lc.sinkhorn_iterations, perm_dict, sinkhorn_dtype=torch.float32)["total"].backward()
 
     # the attention + heads + loss part alone, from fixed feature maps and pooled features
     with torch.no_grad():
@@ -100,10 +104,10 @@ def bench(name, config, batch, reps):
         return GaelleOutput(None, d["scores"], None, d["local_scores"], d["l2g_scores"])
 
     fast_part = lambda: head_part(fast_model, semantic_attention,
-                                  lambda o: gaelle_losses(as_output(o), settings, slot_perm=perm).total)
+                                  lambda o: gaelle_losses(as_output(o), settings, slot_perms=perms).total)
     ref_part = lambda: head_part(ref_model, naive_semantic_attention, lambda o: naive_losses(
         o, batch, settings.n_global, settings.n_slots, lc.crops_for_assign, lc.temperature, lc.epsilon,
-        lc.sinkhorn_iterations, perm.tolist(), sinkhorn_dtype=torch.float32)["total"])
+        lc.sinkhorn_iterations, perm_dict, sinkhorn_dtype=torch.float32)["total"])
 
     t_ref, t_fast = _time_pair(ref_step, fast_step, reps)
     p_ref, p_fast = _time_pair(ref_part, fast_part, reps * 3)
@@ -111,6 +115,36 @@ def bench(name, config, batch, reps):
           f"attention+heads+loss reference {p_ref * 1e3:.1f}ms vectorised {p_fast * 1e3:.1f}ms "
           f"ratio {p_ref / p_fast:.2f}x", flush=True)
     return t_ref / t_fast, p_ref / p_fast
+
+
+def bench_loss_sums(batch: int, reps: int, s: int = 32, k: int = 3000) -> float:
+    """The loss terms at the COCO config's sizes (S slots, K prototypes, 2 global + 6 local
+    crops), forward + backward from the scores: the per-row sums of the code (sum over K for
+    each row, then the mean over rows) against the one float32 contraction over all N*K
+    products that it replaced (same inputs, timed in turns). Returns old / new."""
+    g = torch.Generator().manual_seed(0)
+    scores = F.normalize(torch.randn(8, batch, k, generator=g), dim=-1)
+    local = F.normalize(torch.randn(2, batch, s, k, generator=g), dim=-1)
+    codes = torch.softmax(torch.randn(2, batch, k, generator=g) * 3, dim=-1)
+    local_codes = torch.softmax(torch.randn(2, batch * s, k, generator=g) * 3, dim=-1)
+    perms = torch.stack([torch.randperm(s, generator=g) for _ in range(2)])
+
+    def one_contraction(q, x):  # the replaced formulation: (A, V) in one reduction over N*K
+        return -torch.einsum("ank,vnk->av", q, F.log_softmax(x / 0.1, dim=-1)) / q.shape[1]
+
+    def old():
+        x, y = scores.clone().requires_grad_(True), local.clone().requires_grad_(True)
+        shuffled = y[:, :, perms[0]].reshape(2, batch * s, k)
+        (one_contraction(codes, x).sum() + one_contraction(local_codes, shuffled).sum()).backward()
+
+    def new():
+        x, y = scores.clone().requires_grad_(True), local.clone().requires_grad_(True)
+        (cross_entropy_pairs(codes, x, 0.1).sum() + local_loss(y, local_codes, (0, 1), 0.1, perms)).backward()
+
+    t_old, t_new = _time_pair(old, new, reps)
+    print(f"loss terms B={batch} S={s} K={k}: one contraction {t_old * 1e3:.1f}ms, per-row sums "
+          f"{t_new * 1e3:.1f}ms, ratio old / new {t_old / t_new:.2f}x", flush=True)
+    return t_old / t_new
 
 
 def main():
@@ -125,6 +159,8 @@ def main():
     print(f"attention+heads+loss median ratio (reference / vectorised): "
           f"{statistics.median(r[1] for r in ratios):.2f}x")
     print(f"whole step median ratio (reference / vectorised): {statistics.median(r[0] for r in ratios):.2f}x")
+    for batch in (64, 256):
+        bench_loss_sums(batch, args.reps)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ class ReferenceStep:
         set_learning_rate(opt, learning_rate(iteration, 100, c.train.epochs, c.optim))
         self.model.normalize_prototypes()
         out = naive_forward(self.model, crops, batch_size=self.batch)
-        perm = torch.randperm(st.n_slots).tolist()
+        perms = {(i, v): torch.randperm(st.n_slots).tolist()  # one per (code crop, predicting crop) pair
+                 for i in st.crops_for_assign for v in range(st.n_global) if v != i}
         loss = naive_losses(out, self.batch, st.n_global, st.n_slots, st.crops_for_assign, st.temperature,
-                            st.epsilon, st.sinkhorn_iterations, perm, sinkhorn_dtype=torch.float32)["total"]
+                            st.epsilon, st.sinkhorn_iterations, perms, sinkhorn_dtype=torch.float32)["total"]
         opt.zero_grad()
         loss.backward()
         drop_prototype_gradients(self.model, iteration, c.optim.freeze_prototypes_niters)

@@ -25,6 +25,8 @@ class DemoResult:
     seconds: dict[str, float]
     tracking_uri: str
     checkpoint: str
+    online_map: float | None = None  # the online k-NN mAP at the end of pretraining
+    online_map_baseline: float | None = None  # the same, before the first step (random init)
 
     @property
     def margin(self) -> float:
@@ -41,7 +43,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: i
              overrides: list[str] = (), fresh: bool = True) -> DemoResult:
     """Run the demo under `out_dir`; `overrides` are config `key=value` strings (the tests
     shorten the run with them). fresh: remove a previous demo run first."""
-    from gaelle_ray.data.shards import prepare_toy
+    from gaelle_ray.data.prepare import prepare_toy
     from gaelle_ray.eval.linear import run_linear_eval
     from gaelle_ray.train.trainer import pretrain
 
@@ -71,7 +73,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: i
                              parent_run_id=result.mlflow_run_id, cache_dir=out_dir / "cache")
         scores[name] = float(ev["map_final"])
     seconds["probe"] = time.perf_counter() - t0
-    demo = DemoResult(scores["pretrained"], scores["random init"], seconds, result.tracking_uri, result.checkpoint)
+    demo = DemoResult(scores["pretrained"], scores["random init"], seconds, result.tracking_uri, result.checkpoint,
+                      result.metrics.get("online_map"), result.metrics.get("online_map_baseline"))
     print_table(demo)
     return demo
 
@@ -82,6 +85,10 @@ def print_table(demo: DemoResult) -> None:
             ("GAELLE pretrained", f"{100 * demo.map_pretrained:.1f}"),
             ("random init", f"{100 * demo.map_random:.1f}"),
             ("margin", f"{100 * demo.margin:+.1f} points")]
+    if demo.online_map is not None and demo.online_map_baseline is not None:
+        rows.append(("online k-NN mAP", f"{100 * demo.online_map_baseline:.1f} at random init -> "
+                                        f"{100 * demo.online_map:.1f} after pretraining "
+                                        f"({100 * (demo.online_map - demo.online_map_baseline):+.1f})"))
     width = max(len(r[0]) for r in rows) + 2
     print()
     for left, right in rows:

@@ -13,6 +13,7 @@ shares its bugs. It uses torch and the torchvision ResNet's own layers only.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -95,8 +96,12 @@ def naive_global_loss(scores: torch.Tensor, codes: dict[int, torch.Tensor], batc
 
 
 def naive_local_loss(local_scores: torch.Tensor, local_codes: dict[int, torch.Tensor], batch_size: int,
-                     n_global: int, n_slots: int, temperature: float, slot_perm: Sequence[int] | None) -> torch.Tensor:
-    """local_scores: (Vg*B*S, K_l); local_codes: {crop i: (B*S, K_l)}; the other global crops predict."""
+                     n_global: int, n_slots: int, temperature: float,
+                     slot_perms: dict[tuple[int, int], Sequence[int]] | None) -> torch.Tensor:
+    """local_scores: (Vg*B*S, K_l); local_codes: {crop i: (B*S, K_l)}; the other global crops predict.
+
+    slot_perms: {(code crop i, predicting crop v): permutation of the S slots}, one drawn
+    per pair as the released script does, or None (slot j with slot j)."""
     rows = batch_size * n_slots
     loss = 0.0
     for i, q in local_codes.items():
@@ -105,8 +110,9 @@ def naive_local_loss(local_scores: torch.Tensor, local_codes: dict[int, torch.Te
             if v == i:
                 continue
             r = local_scores[v * rows:(v + 1) * rows]  # (B*S, K_l)
-            if slot_perm is not None:  # slot j of every image takes slot perm[j]
-                rows_of = [b * n_slots + int(slot_perm[j]) for b in range(batch_size) for j in range(n_slots)]
+            if slot_perms is not None:  # slot j of every image takes slot perm[j] of this pair's perm
+                perm = slot_perms[(i, v)]
+                rows_of = [b * n_slots + int(perm[j]) for b in range(batch_size) for j in range(n_slots)]
                 r = r[rows_of]
             sub = sub + naive_ce(q, r, temperature)
         loss = loss + sub / (n_global - 1)
@@ -157,11 +163,12 @@ def naive_forward(model, crops: Sequence[torch.Tensor], batch_size: int | None =
 
 
 def naive_losses(out: dict, batch_size: int, n_global: int, n_slots: int, crops_for_assign: Sequence[int],
-                 temperature: float, epsilon: float, n_iters: int, slot_perm=None,
+                 temperature: float, epsilon: float, n_iters: int, slot_perms=None,
                  queue_scores=None, local_queue_scores=None, weights=(1 / 3, 1 / 3, 1 / 3),
                  sinkhorn_dtype: torch.dtype = torch.float64) -> dict:
     """All terms from a naive_forward output, one crop pair at a time.
 
+    slot_perms: {(i, v): permutation of the slots} or None (see naive_local_loss).
     queue_scores / local_queue_scores: {crop i: (L, K)} or None.
     """
     rows = batch_size * n_slots
@@ -173,7 +180,33 @@ def naive_losses(out: dict, batch_size: int, n_global: int, n_slots: int, crops_
                                   sinkhorn_dtype)
                    for i in crops_for_assign}
     g = naive_global_loss(out["scores"], codes, batch_size, temperature)
-    loc = naive_local_loss(out["local_scores"], local_codes, batch_size, n_global, n_slots, temperature, slot_perm)
+    loc = naive_local_loss(out["local_scores"], local_codes, batch_size, n_global, n_slots, temperature, slot_perms)
     t = naive_l2g_loss(out["l2g_scores"], codes, batch_size, n_global, temperature)
     total = weights[0] * g + weights[1] * loc + weights[2] * t
     return {"total": total, "global": g, "local": loc, "l2g": t, "codes": codes}
+
+
+def naive_knn_multilabel(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torch.Tensor,
+                         k: int, temperature: float) -> torch.Tensor:
+    """Weighted k-NN multi-label scores, one query and one neighbour at a time.
+
+    bank_feats: (M, F), bank_labels: (M, C) multi-hot, query_feats: (Q, F). For each query:
+    cosine similarity to every bank row, the k most similar rows, weight exp(sim / T) each;
+    class c scores the weighted vote sum_j w_j y_jc / sum_j w_j. Returns (Q, C) float64.
+    """
+    out = torch.zeros(query_feats.shape[0], bank_labels.shape[1], dtype=torch.float64)
+    for qi in range(query_feats.shape[0]):
+        q = query_feats[qi].double()
+        sims = []
+        for m in range(bank_feats.shape[0]):
+            b = bank_feats[m].double()
+            sims.append((float(q @ b / (q.norm() * b.norm())), m))
+        sims.sort(key=lambda t: -t[0])
+        total = 0.0
+        for sim, m in sims[:k]:
+            w = math.exp(sim / temperature)
+            total += w
+            for c in range(bank_labels.shape[1]):
+                out[qi, c] += w * float(bank_labels[m, c])
+        out[qi] /= total
+    return out

@@ -14,13 +14,17 @@ A sweep file (see experiments/sweeps/):
     num_samples: 2                   # repeats of the grid (random keys are re-drawn)
     max_concurrent: 1
     storage: runs/sweeps             # local path or URI
-    scheduler: {type: asha, metric: epoch_loss_global, mode: min, grace_period: 2, reduction_factor: 2}
+    scheduler: {type: asha, metric: online_map, mode: max, grace_period: 2, reduction_factor: 2}
 
 Each trial is a function (Ray Train V2: a Tuner does not take a trainer) that builds the
 trial's config, runs `pretrain` (a TorchTrainer, its epoch reports reaching Tune through
 TuneReportCallback), then the fast linear probe; the objective is its mAP (`map`, max).
-A trial whose collapse watch fires stops at once (`train.collapse_action: stop` is forced)
-and reports `collapsed`. MLflow: one parent run per sweep, one child run per trial (params,
+ASHA prunes on `online_map` (max) unless the sweep file says otherwise: the online k-NN mAP
+that the training workers measure every `eval.online_every_epochs` epochs (reported with
+every epoch, the newest value). Losses are not comparable across trials that differ in
+epsilon, temperature, K, the queue or the crops, so pruning on a loss while the space varies
+one of those keys gets a warning naming them. A trial whose collapse watch fires stops at
+once (`train.collapse_action: stop` is forced) and reports `collapsed`. MLflow: one parent run per sweep, one child run per trial (params,
 curves, final mAP); the best trial's config is written as a ready-to-run experiment YAML.
 `--resume` continues a stopped sweep without rerunning finished trials.
 """
@@ -48,6 +52,11 @@ SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "base", "set", "space", "num_samples", "max_concurrent", "storage", "scheduler", "metric")
 OBJECTIVE = "map"
 TRIAL_CPU = 0.1  # what a trial's own process reserves
+PRUNE_METRIC, PRUNE_MODE = "online_map", "max"  # ASHA's default
+# keys that change what a loss value means: a loss is not comparable across their values
+LOSS_SCALE_KEYS = ("loss.epsilon", "loss.temperature", "model.nmb_prototypes", "model.nmb_local_prototypes",
+                   "queue.", "augmentation.size_crops", "augmentation.nmb_crops", "augmentation.min_scale_crops",
+                   "augmentation.max_scale_crops", "loss.weight_", "loss.crops_for_assign")
 
 
 @dataclass
@@ -108,9 +117,27 @@ def load_sweep(path: str | Path) -> SweepSpec:
     scheduler = raw.get("scheduler") or {}
     if scheduler and scheduler.get("type", "asha") not in ("asha", "none"):
         raise ConfigError(f"{src}: scheduler.type: must be asha or none")
+    _check_prune_metric(src, scheduler, base, space)
     return SweepSpec(name=str(raw["name"]), base=base, base_path=str(base_path), space=space, fixed=fixed,
                      num_samples=int(raw.get("num_samples", 1)), max_concurrent=int(raw.get("max_concurrent", 1)),
                      storage=str(raw.get("storage", "runs/sweeps")), scheduler=scheduler, source=src)
+
+
+def _check_prune_metric(src: str, scheduler: dict, base: Config, space: dict) -> None:
+    """ASHA's metric must be reported, and should be comparable across the trials."""
+    if not scheduler or scheduler.get("type", "asha") == "none":
+        return
+    metric = str(scheduler.get("metric", PRUNE_METRIC))
+    if metric.startswith("online_") and base.eval.online_every_epochs <= 0:
+        raise ConfigError(f"{src}: scheduler.metric: {metric} is measured only with online evaluation on: set "
+                          "eval.online_every_epochs (in set: or the base config) to a number of epochs")
+    if "loss" in metric:
+        varied = [k for k in space if any(k == p or (p.endswith((".", "_")) and k.startswith(p))
+                                          for p in LOSS_SCALE_KEYS)]
+        if varied:
+            log.warning("%s: ASHA prunes on %s, but the space varies %s, which change what a loss value means: "
+                        "losses are not comparable across these trials; prune on online_map (max) instead",
+                        src, metric, ", ".join(varied))
 
 
 def _yaml_value(v: Any) -> str:
@@ -185,7 +212,9 @@ def _scheduler(spec: SweepSpec):
     from ray.tune.schedulers import ASHAScheduler
 
     # one Tune result per epoch (TuneReportCallback), plus the final mAP report
-    return ASHAScheduler(time_attr="training_iteration", metric=s.get("metric", "loss"), mode=s.get("mode", "min"),
+    metric = s.get("metric", PRUNE_METRIC)
+    default_mode = "max" if metric.startswith("online_") or metric == OBJECTIVE else "min"
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=s.get("mode", default_mode),
                          grace_period=int(s.get("grace_period", 1)), reduction_factor=float(s.get("reduction_factor", 2)),
                          max_t=spec.base.train.epochs + 1)
 
@@ -250,7 +279,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
         params = {k: v for k, v in (r.config or {}).items() if k != "__sweep__"}
         metrics = r.metrics or {}
         trials.append({"params": params, OBJECTIVE: metrics.get(OBJECTIVE), "collapsed": metrics.get("collapsed"),
-                       "epoch": metrics.get("epoch"), "error": str(r.error) if r.error else None})
+                       "epoch": metrics.get("epoch"), "online_map": metrics.get("online_map"),
+                       "error": str(r.error) if r.error else None})
     finished = [t for t in trials if t[OBJECTIVE] is not None and not t["collapsed"]]
     if not finished:
         raise RuntimeError(f"sweep {spec.name}: no trial finished with an mAP; see {experiment_path}")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gaelle_ray.config import ConfigError, load_config
-from gaelle_ray.data.shards import prepare_toy
+from gaelle_ray.data.prepare import prepare_toy
 from gaelle_ray.tune import load_sweep, param_space, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,52 @@ def test_bad_sweep_files_name_the_key(tmp_path):
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
             load_sweep(path)
+
+
+def _sweep_file(tmp_path, scheduler, space=None, **fixed):
+    raw = {"name": "x", "base": str(ROOT / "experiments" / "cpu_demo.yaml"),
+           "set": {"eval.online_every_epochs": 1, **fixed}, "space": space or {"loss.epsilon": {"grid": [0.03, 0.05]}},
+           "scheduler": scheduler}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_asha_prunes_on_online_map_by_default(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    from gaelle_ray.tune import _scheduler
+
+    spec = load_sweep(_sweep_file(tmp_path, {"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    asha = _scheduler(spec)
+
+    class Trial:  # what ASHA reads of a trial
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    good, bad, better = Trial("good"), Trial("bad"), Trial("better")
+    for t in (good, bad, better):
+        asha.on_trial_add(None, t)
+    # a loss would rank "bad" first (lowest); online_map (max) stops it at the first rung
+    result = {"training_iteration": 1}
+    assert asha.on_trial_result(None, good, {**result, "online_map": 0.40, "loss_global": 3.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {**result, "online_map": 0.10, "loss_global": 1.0}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, better, {**result, "online_map": 0.55, "loss_global": 2.0}) == TrialScheduler.CONTINUE
+
+
+def test_pruning_on_a_loss_across_loss_scales_warns_and_online_needs_evaluation(tmp_path, caplog):
+    space = {"loss.epsilon": {"grid": [0.03, 0.05]}, "queue.queue_length": {"grid": [0, 640]},
+             "optim.base_lr": {"grid": [0.3, 0.6]}}
+    with caplog.at_level("WARNING", logger="gaelle_ray.tune"):
+        load_sweep(_sweep_file(tmp_path, {"type": "asha", "metric": "loss_global", "mode": "min"}, space))
+    warned = [r.getMessage() for r in caplog.records if "not comparable" in r.getMessage()]
+    assert warned and "loss.epsilon, queue.queue_length" in warned[0] and "optim.base_lr" not in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gaelle_ray.tune"):
+        load_sweep(_sweep_file(tmp_path, {"type": "asha", "metric": "loss_global"}, {"optim.base_lr": {"grid": [0.3]}}))
+    assert not [r for r in caplog.records if "not comparable" in r.getMessage()]
+    with pytest.raises(ConfigError, match="scheduler.metric: online_map is measured only with online evaluation"):
+        load_sweep(_sweep_file(tmp_path, {"type": "asha"}, **{"eval.online_every_epochs": 0}))
 
 
 @pytest.mark.slow
@@ -79,4 +125,6 @@ def test_toy_sweep_runs_stops_collapsed_trial_and_tracks_in_mlflow(tmp_path):
     eps = sorted(float(r.data.params["loss.epsilon"]) for r in pretrain_runs)
     assert eps == [0.05, 0.1, 1000.0]
     assert any("map" in r.data.metrics for r in pretrain_runs)
+    for eps in (0.05, 0.1):  # ASHA ranked them on the online k-NN mAP, reported with every epoch
+        assert 0.0 < by_eps[eps]["online_map"] <= 1.0
     assert "best_map" in parent.data.metrics

@@ -3,9 +3,12 @@
 Rows are crop-major everywhere (row = v * B + b; local rows (v*B + b)*S + j).
 A = len(crops_for_assign) crops give codes; V crops in all; Vg global crops.
 
-CE(q, x) = -mean_rows sum_k q[k] log_softmax(x / tau)[k]. Every (code crop, predicting
-crop) pair is one entry of an (A, V) matrix computed by a single einsum; the pair rules
-of each loss are masks on that matrix.
+CE(q, x) = -mean_rows sum_k q[k] log_softmax(x / tau)[k]: the sum over k for each row
+first, then the mean over rows (method.md section 4), so that the logged values are exact
+to float32 rounding at real batch sizes (one float32 contraction over all N*K products
+drifts low by percents). Every (code crop, predicting crop) pair of the global and l2g
+losses is one entry of an (A, V) matrix computed by a single einsum, with the pair rules as
+masks; the local loss gathers each pair's predicting crop with that pair's slot permutation.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ class LossSettings:
     @classmethod
     def from_config(cls, config, batch_size: int | None = None) -> "LossSettings":
         loss = config.loss
-        return cls(batch_size=batch_size or config.train.batch_size_per_worker, n_crops=config.num_crops,
-                   n_global=config.num_global_crops, n_slots=config.num_slots,
+        return cls(batch_size=batch_size or config.train.batch_size_per_worker, n_crops=config.augmentation.num_crops,
+                   n_global=config.augmentation.num_global_crops, n_slots=config.num_slots,
                    crops_for_assign=tuple(loss.crops_for_assign), temperature=loss.temperature,
                    epsilon=loss.epsilon, sinkhorn_iterations=loss.sinkhorn_iterations,
                    weights=(loss.weight_global, loss.weight_local, loss.weight_l2g))
@@ -66,7 +69,15 @@ def cross_entropy_pairs(codes: torch.Tensor, scores: torch.Tensor, temperature: 
     Returns (A, V): entry [a, v] = -mean_n sum_k codes[a, n, k] log_softmax(scores[v, n] / tau)[k].
     """
     logp = F.log_softmax(scores.float() / temperature, dim=-1)  # (V, N, K)
-    return -torch.einsum("ank,vnk->av", codes.float(), logp) / codes.shape[1]  # (A, V)
+    per_row = torch.einsum("ank,vnk->avn", codes.float(), logp)  # (A, V, N): sum over k per row
+    return -per_row.mean(dim=-1)  # (A, V)
+
+
+def local_pairs(crops_for_assign: Sequence[int], n_global: int) -> list[tuple[int, int]]:
+    """The (a, v) pairs of the local loss, in the order their slot permutations come: for
+    each assigned crop (a = its position in crops_for_assign) every other global crop v,
+    ascending."""
+    return [(a, v) for a, i in enumerate(crops_for_assign) for v in range(n_global) if v != i]
 
 
 def codes_with_queue(scores: torch.Tensor, queue_scores: torch.Tensor | None, epsilon: float,
@@ -97,21 +108,31 @@ def global_loss(scores: torch.Tensor, codes: torch.Tensor, crops_for_assign: Seq
 
 
 def local_loss(local_scores: torch.Tensor, local_codes: torch.Tensor, crops_for_assign: Sequence[int],
-               temperature: float, slot_perm: torch.Tensor | None = None) -> torch.Tensor:
+               temperature: float, slot_perms: torch.Tensor | None = None) -> torch.Tensor:
     """Local swapped prediction between global crops.
 
     local_scores: (Vg, B, S, K_l); local_codes: (A, B*S, K_l) codes of crops_for_assign.
-    slot_perm: (S,) permutation of the predicting crop's slots shared by the whole batch,
-    or None to pair slot j with slot j. Returns mean over assigned i of mean over global
-    crops v != i of CE(ql_i, r_v[:, perm]).
+    slot_perms: (P, S), one permutation of the predicting crop's slots per pair of
+    `local_pairs(crops_for_assign, Vg)` (P pairs), shared by the whole batch: slot j of
+    every image takes slot perm[j]; None pairs slot j with slot j. Returns mean over
+    assigned i of mean over global crops v != i of CE(ql_i, r_v[:, perm_(i, v)]).
     """
     vg, b, s, k = local_scores.shape
-    if slot_perm is not None:
-        local_scores = local_scores[:, :, slot_perm]  # (Vg, B, S, K_l) slots shuffled
-    ce = cross_entropy_pairs(local_codes, local_scores.reshape(vg, b * s, k), temperature)  # (A, Vg)
-    keep = torch.ones_like(ce)
-    keep[torch.arange(len(crops_for_assign)), list(crops_for_assign)] = 0.0
-    return (ce * keep).sum() / (len(crops_for_assign) * (vg - 1))
+    pairs = local_pairs(crops_for_assign, vg)
+    device = local_scores.device
+    code_of = torch.tensor([a for a, _ in pairs], device=device)  # (P,)
+    crop_of = torch.tensor([v for _, v in pairs], device=device)  # (P,)
+    if slot_perms is None:
+        slot_perms = torch.arange(s, device=device).expand(len(pairs), s)  # (P, S)
+    elif tuple(slot_perms.shape) != (len(pairs), s):
+        raise ValueError(f"local_loss: slot_perms has shape {tuple(slot_perms.shape)}, expected "
+                         f"({len(pairs)}, {s}): one permutation of the {s} slots per (code crop, predicting crop) pair")
+    logp = F.log_softmax(local_scores.float() / temperature, dim=-1)  # (Vg, B, S, K_l)
+    images = torch.arange(b, device=device)
+    predicting = logp[crop_of[:, None, None], images[None, :, None], slot_perms.to(device)[:, None, :]]  # (P, B, S, K_l)
+    codes = local_codes.float().reshape(len(crops_for_assign), b, s, k)[code_of]  # (P, B, S, K_l)
+    per_row = torch.einsum("pbsk,pbsk->pbs", codes, predicting)  # (P, B, S): sum over k per row
+    return -per_row.mean()
 
 
 def l2g_loss(l2g_scores: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -123,12 +144,13 @@ def l2g_loss(l2g_scores: torch.Tensor, codes: torch.Tensor, temperature: float) 
     return cross_entropy_pairs(codes, l2g_scores, temperature).mean()
 
 
-def gaelle_losses(out, settings: LossSettings, *, slot_perm: torch.Tensor | None = None,
+def gaelle_losses(out, settings: LossSettings, *, slot_perms: torch.Tensor | None = None,
                   queue_scores: torch.Tensor | None = None, local_queue_scores: torch.Tensor | None = None,
                   group=None) -> LossTerms:
     """All three losses and their weighted total from one forward pass.
 
     out: a GaelleOutput (scores (V*B, K), local_scores (Vg*B*S, K_l), l2g_scores (Vg*B, K)).
+    slot_perms: (P, S) slot permutations of the local loss's pairs (see `local_loss`), or None.
     queue_scores: (A, L, K) / local_queue_scores: (A, L_l, K_l) scores of the queues' rows
     for the assigned crops, or None. group: process group for distributed Sinkhorn.
     Raises NonFiniteLossError naming the term when any term is not finite.
@@ -146,7 +168,7 @@ def gaelle_losses(out, settings: LossSettings, *, slot_perm: torch.Tensor | None
 
     terms = {
         "global": global_loss(scores, codes, assign, st.temperature),
-        "local": local_loss(local_scores, local_codes, assign, st.temperature, slot_perm),
+        "local": local_loss(local_scores, local_codes, assign, st.temperature, slot_perms),
         "l2g": l2g_loss(l2g_scores, codes, st.temperature),
     }
     w_g, w_l, w_t = st.weights

@@ -1,6 +1,7 @@
 """Collapse watch (method.md section 8): every image gets the same, uniform code and the
-loss sits at ln(K). The loop logs code entropy and prototypes in use every step and runs
-this check at every epoch end; `train.collapse_action` decides between a warning and
+loss sits at ln(K) (`collapse_check`), or the representation itself stops improving: the
+online mAP stays at its random-initialisation baseline (`online_collapse_check`). The loop
+runs both at every epoch end; `train.collapse_action` decides between a warning and
 stopping the run (what Tune sweeps use to drop bad trials at once)."""
 
 from __future__ import annotations
@@ -24,4 +25,29 @@ def collapse_check(epoch_metrics: dict, epoch: int, config) -> str | None:
         return (f"collapse: epoch {epoch} global loss {loss:.4f} is at ln(K) = {ln_k:.4f} with near-uniform codes "
                 f"(normalised entropy {entropy:.3f}); try a smaller loss.epsilon, a longer "
                 "optim.freeze_prototypes_niters, softer augmentation, or a later/shorter queue")
+    return None
+
+
+def online_collapse_check(history: list[dict], baseline: float | None, epoch: int, config) -> str | None:
+    """A message when the online mAP stayed at its baseline over the last
+    `train.collapse_window_epochs` epochs, else None.
+
+    history: the epoch records (those with "online_map" were evaluated); baseline: the
+    online mAP of the random initialisation (None: unknown, no check). At its baseline:
+    every online mAP measured in epochs (epoch - window, epoch] gains less than
+    `train.collapse_min_map_gain` over it (and there is at least one; the window must
+    have passed since the start).
+    """
+    window = config.train.collapse_window_epochs
+    if baseline is None or window <= 0 or epoch + 1 < window:
+        return None
+    recent = [r["online_map"] for r in history if "online_map" in r and epoch - window < r["epoch"] <= epoch
+              and r.get("online_map_epoch", r["epoch"]) == r["epoch"]]
+    if not recent:
+        return None
+    min_gain = config.train.collapse_min_map_gain
+    if max(recent) - baseline < min_gain:
+        return (f"collapse: the online k-NN mAP stayed at its random-init baseline {100 * baseline:.1f} for "
+                f"{window} epochs (best {100 * max(recent):.1f}, needs +{100 * min_gain:.1f}); the backbone is "
+                "not learning: check the learning rate, loss.epsilon and the augmentation")
     return None

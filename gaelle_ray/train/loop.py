@@ -1,11 +1,13 @@
 """`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
 
-    set up (device, seeds, model, synchronised BatchNorm, DDP, stepper)
+    set up (device, seeds, model, synchronised BatchNorm, DDP, stepper, online probe)
     restore from the newest checkpoint if Ray hands one over
+    a fresh run with online evaluation: score the random initialisation (the baseline)
     for each epoch:
         run its steps (progress line and step metrics every `train.log_every_steps`)
-        end it (metrics averaged over workers, collapse watch, checkpoint written by rank 0
-                and uploaded by Ray, epoch metrics to MLflow from rank 0)
+        end it (metrics averaged over workers, online evaluation when due, collapse watch,
+                checkpoint written by rank 0 and uploaded by Ray, epoch metrics to MLflow
+                from rank 0)
 
 A run that must stop (too many non-finite steps in a row, or a collapse with
 `train.collapse_action: stop`) reports `stopped` with the reason and returns normally, so
@@ -35,12 +37,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gaelle_ray.config import Config
 from gaelle_ray.data.pipeline import StreamBatch, count_rows, epoch_batches, steps_per_epoch
+from gaelle_ray.eval.online import OnlineProbe, OnlineSettings
 from gaelle_ray.losses.queue import per_worker_length
 from gaelle_ray.model import build_model
 from gaelle_ray.model.norm import convert_group_batchnorm
 from gaelle_ray.storage import checkpoint_name, load_checkpoint, save_checkpoint
 from gaelle_ray.train.checkpoint import queues_for_rank, write_stop_reason
-from gaelle_ray.train.collapse import collapse_check
+from gaelle_ray.train.collapse import collapse_check, online_collapse_check
 from gaelle_ray.train.step import GaelleStepper, StepMetrics, TooManyNonFiniteSteps
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ class Worker:
     stepper: GaelleStepper
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     logger: object = None  # tracking.RunLogger on rank 0 when the run is tracked
+    online: OnlineProbe | None = None  # the online evaluation, when eval.online_every_epochs > 0
+    online_state: dict = field(default_factory=dict)  # {"baseline": mAP of the random init, "latest": {...}}
 
     @property
     def images_per_step(self) -> int:
@@ -109,7 +114,9 @@ def set_up_worker(config: Config) -> Worker:
     steps = steps_per_epoch(config, count_rows(config), world)
     model, forward_model, group = _build(config, device, world)
     stepper = GaelleStepper(model, config, device, group, world, rank, steps, forward_model)
-    return Worker(config, rank, world, device, group, steps, stepper)
+    settings = OnlineSettings.from_config(config)
+    online = OnlineProbe(settings, rank, world) if settings is not None else None
+    return Worker(config, rank, world, device, group, steps, stepper, online=online)
 
 
 def restore(worker: Worker, checkpoint: ray.train.Checkpoint | None) -> int:
@@ -127,6 +134,7 @@ def restore(worker: Worker, checkpoint: ray.train.Checkpoint | None) -> int:
               for name in ("queue", "local_queue")}
     worker.stepper.load_state_dict(state["worker"], queues=queues)
     worker.history = list(state["history"])
+    worker.online_state = dict(state.get("online") or {})
     start_epoch = int(meta["epoch"]) + 1
     if worker.rank == 0:
         write_progress_line(f"resumed from {checkpoint_name(int(meta['epoch']))}: epoch {start_epoch}, iteration "
@@ -267,23 +275,27 @@ def end_epoch(worker: Worker, epoch: int, tally: EpochTally) -> str | None:
     epoch_metrics = _mean_over_workers(local, worker.group, worker.device)
     epoch_metrics["skipped_records"] *= worker.world  # a sum, not a mean
     epoch_metrics["nonfinite_steps"] = float(stepper.nonfinite_total)
-    worker.history.append({"epoch": epoch, **epoch_metrics})
+    online = {}
+    if worker.online is not None and worker.online.settings.due(epoch, tc.epochs):
+        online = evaluate_online(worker, epoch)
+    worker.history.append({"epoch": epoch, **epoch_metrics, **online})
 
     stop_reason = None
-    collapse = collapse_check(epoch_metrics, epoch, worker.config)
+    collapse = collapse_check(epoch_metrics, epoch, worker.config) or online_collapse_check(
+        worker.history, worker.online_state.get("baseline"), epoch, worker.config)
     if collapse:
         write_progress_line(f"WARNING {collapse}")
         if tc.collapse_action == "stop":
             stop_reason = collapse
     report = {"epoch": epoch, "iteration": stepper.iteration, "collapsed": bool(collapse),
-              "stopped": stop_reason or "", **epoch_metrics}
+              "stopped": stop_reason or "", **epoch_metrics, **online_metrics(worker)}
     queues = _gather_queues(worker)  # a collective: every rank, every epoch
     if (epoch + 1) % tc.checkpoint_every_epochs == 0 or epoch + 1 == tc.epochs or stop_reason:
         _report_with_checkpoint(worker, epoch, report, queues)
     else:
         ray.train.report(report)
     if worker.logger is not None:
-        worker.logger.log_metrics({f"epoch_{k}": v for k, v in epoch_metrics.items()}, step=epoch)
+        worker.logger.log_metrics({f"epoch_{k}": v for k, v in {**epoch_metrics, **online}.items()}, step=epoch)
         if collapse:
             worker.logger.set_tags({"collapse_warning": collapse})
     return stop_reason
@@ -294,11 +306,56 @@ def _report_with_checkpoint(worker: Worker, epoch: int, report: dict, queues: di
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if worker.rank == 0:
-            state = {"worker": worker.stepper.state_dict(), "queues": queues, "history": worker.history}
+            state = {"worker": worker.stepper.state_dict(), "queues": queues, "history": worker.history,
+                     "online": worker.online_state}
             save_checkpoint(tmp, state, {"epoch": epoch, "iteration": worker.stepper.iteration,
                                          "world_size": worker.world, "config": worker.config.to_dict()})
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(epoch))
+
+
+# ----------------------------------------------------------------------------- online evaluation
+
+
+def online_metrics(worker: Worker) -> dict[str, float]:
+    """The newest online evaluation, as reported with every epoch (so that schedulers and
+    the progress line always see it): online_map, the baseline, the gain over it, the epoch
+    it was measured at (-1: the baseline itself), and online_linear_map when configured."""
+    st = worker.online_state
+    latest = st.get("latest")
+    if not latest:
+        return {}
+    out = {k: v for k, v in latest.items()}
+    if st.get("baseline") is not None:
+        out["online_map_baseline"] = st["baseline"]
+        out["online_map_gain"] = latest["online_map"] - st["baseline"]
+    return out
+
+
+def evaluate_online(worker: Worker, epoch: int) -> dict[str, float]:
+    """Every rank: score the current backbone (epoch -1: before the first step, the
+    baseline); the progress line on rank 0. Returns online_metrics(worker)."""
+    t0 = time.perf_counter()
+    result = worker.online.evaluate(worker.stepper.model.backbone, worker.device, worker.group)
+    latest = {**result, "online_map_epoch": float(epoch)}
+    worker.online_state["latest"] = latest
+    if epoch < 0:
+        worker.online_state["baseline"] = result["online_map"]
+    metrics = online_metrics(worker)
+    if worker.rank == 0:
+        bank, queries = worker.online.sizes
+        what = "random-init baseline" if epoch < 0 else f"epoch {epoch + 1}/{worker.config.train.epochs}"
+        gain = (f" (baseline {100 * metrics['online_map_baseline']:.1f}, {100 * metrics['online_map_gain']:+.1f})"
+                if epoch >= 0 and "online_map_gain" in metrics else "")
+        linear = f", linear {100 * result['online_linear_map']:.1f}" if "online_linear_map" in result else ""
+        write_progress_line(f"{what} online k-NN mAP {100 * result['online_map']:.1f}{gain}{linear} "
+                            f"({bank} bank / {queries} query images, {time.perf_counter() - t0:.1f}s)")
+    return metrics
+
+
+def log_online_baseline(worker: Worker) -> None:
+    if worker.logger is not None and worker.online_state.get("baseline") is not None:
+        worker.logger.log_metrics({"online_map_baseline": worker.online_state["baseline"]}, step=0)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -314,6 +371,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     open_run_logger(worker, loop_config.get("tracking_uri", ""), loop_config.get("run_id", ""))
     if start_epoch >= tc.epochs:
         return
+    if worker.online is not None and start_epoch == 0 and "baseline" not in worker.online_state:
+        evaluate_online(worker, -1)  # the random initialisation of this run, before its first step
+    log_online_baseline(worker)
 
     run_started = time.perf_counter()
     batches = epoch_batches(ray.train.get_dataset_shard("train"), tc.batch_size_per_worker, worker.steps,

@@ -37,7 +37,7 @@ def _setup(group=None):
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(VG * 2 * B, 3, 64, 64, generator=g, dtype=torch.float64),
              torch.randn(VL * 2 * B, 3, 32, 32, generator=g, dtype=torch.float64)]
-    return model, crops, torch.randperm(S, generator=g)
+    return model, crops, torch.stack([torch.randperm(S, generator=g) for _ in range(VG)])  # one per local pair
 
 
 def _my_rows(crops, rank):
@@ -58,7 +58,7 @@ def _worker(rank, port, out_dir):
     model = convert_group_batchnorm(model, group)
     ddp = DDP(model, broadcast_buffers=False)
     settings = LossSettings(batch_size=B, n_crops=VG + VL, n_global=VG, n_slots=S)
-    terms = gaelle_losses(ddp(_my_rows(crops, rank)), settings, slot_perm=perm, group=group)
+    terms = gaelle_losses(ddp(_my_rows(crops, rank)), settings, slot_perms=perm, group=group)
     terms.total.backward()
     torch.save({"loss": terms.total.detach(), "grads": {n: p.grad for n, p in model.named_parameters()},
                 "buffers": dict(model.named_buffers())}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -71,7 +71,7 @@ def test_two_workers_equal_one_worker_with_the_global_batch(tmp_path):
 
     model, crops, perm = _setup()
     settings = LossSettings(batch_size=2 * B, n_crops=VG + VL, n_global=VG, n_slots=S)
-    terms = gaelle_losses(model(crops), settings, slot_perm=perm)
+    terms = gaelle_losses(model(crops), settings, slot_perms=perm)
     terms.total.backward()
 
     torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, terms.total.detach(), rtol=1e-6, atol=1e-7)

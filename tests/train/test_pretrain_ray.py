@@ -34,7 +34,8 @@ def _config(shards, run_dir, **extra):
             "model.nmb_local_prototypes": 20, "train.batch_size_per_worker": 8, "train.num_workers": 2,
             "train.epochs": 2, "train.log_every_steps": 4, "ray.num_cpus_per_worker": 1, "queue.queue_length": 32,
             "queue.epoch_queue_starts": 1, "optim.freeze_prototypes_niters": 4, "optim.warmup_epochs": 0,
-            "tracking.experiment": "test"}
+            "tracking.experiment": "test", "eval.data": shards, "eval.online_every_epochs": 1,
+            "eval.online_bank_images": 32, "eval.image_size": 48, "eval.resize_size": 56}
     base.update(extra)
     return load_config(ROOT / "experiments" / "cpu_demo.yaml", [f"{k}={v}" for k, v in base.items()])
 
@@ -52,6 +53,14 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     assert meta["world_size"] == 2 and meta["epoch"] == 1 and state["worker"]["iteration"] == 16
     assert len(state["queues"]["queue"]) == 2  # both ranks' queues are in the checkpoint
     assert state["queues"]["queue"][0]["buffer"].shape == (2, 16, 32)
+    # online evaluation: the random-init baseline before the first step, then every epoch,
+    # features sharded over the two workers; reported to Ray Train and kept in the checkpoint
+    baseline = state["online"]["baseline"]
+    assert 0.0 < baseline <= 1.0
+    assert [r["online_map_epoch"] for r in state["history"]] == [0.0, 1.0]
+    assert result.metrics["online_map"] == state["history"][-1]["online_map"]
+    assert result.metrics["online_map_baseline"] == baseline
+    assert result.metrics["online_map_gain"] == pytest.approx(result.metrics["online_map"] - baseline)
 
     # MLflow: params are the whole config, tags, epoch history, step metrics, artifacts
     from mlflow.tracking import MlflowClient
@@ -64,13 +73,15 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
         assert tag in run.data.tags, tag
     assert run.data.tags["world_size"] == "2" and run.data.tags["device_name"] == "cpu"
     assert _epoch_history(result) == [0, 1]
+    assert _epoch_history(result, "epoch_online_map") == [0, 1]
+    assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "online_map_baseline")] == [baseline]
     for key in ("loss", "loss_global", "loss_local", "loss_l2g", "lr", "images_per_s", "data_wait_share",
                 "code_entropy", "prototypes_in_use", "skipped_records"):
         assert client.get_metric_history(result.mlflow_run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "backbone_resnet18.pth"} <= artifacts
     pictures = {a.path for a in client.list_artifacts(result.mlflow_run_id, "pictures")}
-    assert pictures == {"pictures/loss_curves.png", "pictures/attention_epoch_00001.png"}
+    assert pictures == {"pictures/loss_curves.png", "pictures/online_map.png", "pictures/attention_epoch_00001.png"}
     assert (tmp_path / "run" / "pictures" / "loss_curves.png").is_file()
     local = client.download_artifacts(result.mlflow_run_id, "backbone_resnet18.pth", str(tmp_path))
     torchvision.models.resnet18().load_state_dict(torch.load(local), strict=True)
@@ -85,6 +96,8 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     state, meta = load_checkpoint(resumed.checkpoint)
     assert meta["world_size"] == 1 and state["worker"]["iteration"] == 16 + 16
     assert state["queues"]["queue"][0]["buffer"].shape == (2, 32, 32)  # re-split: 2 x 16 rows -> 1 x 32
+    assert state["online"]["baseline"] == baseline  # the run's own baseline, not measured again
+    assert _epoch_history(resumed, "epoch_online_map") == [0, 1, 2]
 
 
 def _train_worker_pids():

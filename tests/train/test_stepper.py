@@ -36,20 +36,28 @@ def _stepper(config, iters_per_epoch=2):
     return GaelleStepper(model, config, torch.device("cpu"), iters_per_epoch=iters_per_epoch)
 
 
+PROTOTYPE_LAYERS = ("prototypes", "local_prototypes", "l2g_prototypes")
+
+
 def test_prototypes_normalised_before_every_step_and_frozen_at_first():
     config = _config()
     st = _stepper(config)
     with torch.no_grad():
-        st.model.prototypes.weight.mul_(5.0)
-    before = st.model.prototypes.weight.detach().clone()
+        for i, name in enumerate(PROTOTYPE_LAYERS):
+            getattr(st.model, name).weight.mul_(5.0 + i)
+    before = {name: getattr(st.model, name).weight.detach().clone() for name in PROTOTYPE_LAYERS}
     m = st.step(_crops(config), epoch=0, total_epochs=3)
     assert math.isfinite(m.loss) and st.iteration == 1
-    w = st.model.prototypes.weight.detach()
-    # normalised at the start of the step, then not moved: the gradient was dropped
-    torch.testing.assert_close(w, torch.nn.functional.normalize(before, dim=1))
+    for name in PROTOTYPE_LAYERS:
+        w = getattr(st.model, name).weight.detach()
+        # normalised at the start of the step, then not moved: the gradient was dropped
+        torch.testing.assert_close(w, torch.nn.functional.normalize(before[name], dim=1), msg=name)
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(w.shape[0]), msg=name)
     st.step(_crops(config, 1), epoch=0, total_epochs=3)
     st.step(_crops(config, 2), epoch=1, total_epochs=3)  # iteration 2: no longer frozen
-    assert not torch.allclose(st.model.prototypes.weight, torch.nn.functional.normalize(before, dim=1))
+    for name in PROTOTYPE_LAYERS:
+        after = getattr(st.model, name).weight
+        assert not torch.allclose(after, torch.nn.functional.normalize(before[name], dim=1)), name
 
 
 def test_learning_rate_follows_the_schedule_per_iteration():
@@ -74,13 +82,52 @@ def test_queue_starts_at_its_epoch_and_is_used_once_full():
     assert st.queue.in_use
 
 
-def test_local_queue_uses_local_prototypes():
-    config = _config(**{"queue.local_queue_length": 64, "queue.epoch_queue_starts": 0})
+def test_full_local_queue_is_scored_with_the_local_prototypes(monkeypatch):
+    """Once the local queue is full, its rows enter the local Sinkhorn scored with the LOCAL
+    prototypes (method.md section 5 fixes the released script, which uses the global ones).
+    K = K_l here, so only the values can tell the two apart."""
+    import gaelle_ray.train.step as step_module
+
+    config = _config(**{"queue.local_queue_length": 64, "queue.epoch_queue_starts": 0,
+                        "model.nmb_prototypes": 10, "model.nmb_local_prototypes": 10})
     st = _stepper(config)
-    st.step(_crops(config), epoch=0, total_epochs=3)
-    assert st.local_queue is not None and st.local_queue.buffer.shape == (2, 64, 16)
-    scores = st.local_queue.scores(st.model.local_prototypes.weight)
-    assert scores is None or scores.shape[-1] == 10  # K_l columns, not K
+    seen = []
+    real = step_module.gaelle_losses
+
+    def spy(out, settings, **kwargs):
+        seen.append({"local_queue_scores": kwargs.get("local_queue_scores"),
+                     "buffer": None if st.local_queue is None else st.local_queue.buffer.clone(),
+                     "local": st.model.local_prototypes.weight.detach().clone(),
+                     "global": st.model.prototypes.weight.detach().clone()})
+        return real(out, settings, **kwargs)
+
+    monkeypatch.setattr(step_module, "gaelle_losses", spy)
+    for i in range(6):  # 4 images x 4 slots = 16 rows per push: full after 4 steps, used from the 5th
+        st.step(_crops(config, i), epoch=0, total_epochs=3)
+    assert seen[0]["local_queue_scores"] is None  # empty queue: not used
+    used = [s for s in seen if s["local_queue_scores"] is not None]
+    assert used, "the full local queue was never used"
+    for s in used:
+        buf, got = s["buffer"], s["local_queue_scores"]  # (A, L, d), (A, L, K_l)
+        assert got.shape == (2, 64, 10)
+        want = torch.einsum("ald,kd->alk", buf, s["local"])
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, torch.einsum("ald,kd->alk", buf, s["global"]))
+
+
+def test_slot_permutations_one_per_pair_same_on_every_worker():
+    config = _config()
+    a, b = _stepper(config), _stepper(config)
+    b.rank = 1  # another worker: the permutations must not depend on the rank
+    pa, pb = a.slot_perms(), b.slot_perms()
+    assert pa.shape == (2, config.num_slots)  # pairs (0 -> 1) and (1 -> 0)
+    assert torch.equal(pa, pb)
+    for p in pa:
+        assert sorted(p.tolist()) == list(range(config.num_slots))
+    assert not torch.equal(pa[0], pa[1])  # drawn anew for each pair
+    a.step(_crops(config), epoch=0, total_epochs=3)
+    assert not torch.equal(a.slot_perms(), pa)  # and anew at each iteration
+    assert _stepper(_config(**{"loss.local_shuffle": "false"})).slot_perms() is None
 
 
 def test_non_finite_steps_are_skipped_counted_then_stop(monkeypatch):
