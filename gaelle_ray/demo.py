@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gaelle_ray.config import Config, load_config
@@ -25,8 +25,7 @@ class DemoResult:
     seconds: dict[str, float]
     tracking_uri: str
     checkpoint: str
-    online_map: float | None = None  # the online k-NN mAP at the end of pretraining
-    online_map_baseline: float | None = None  # the same, before the first step (random init)
+    online: dict[str, float] = field(default_factory=dict)  # online metrics at the end of pretraining
 
     @property
     def margin(self) -> float:
@@ -73,8 +72,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: i
                              parent_run_id=result.mlflow_run_id, cache_dir=out_dir / "cache")
         scores[name] = float(ev["map_final"])
     seconds["probe"] = time.perf_counter() - t0
+    online = {k: v for k, v in result.metrics.items() if k.startswith("online_")}
     demo = DemoResult(scores["pretrained"], scores["random init"], seconds, result.tracking_uri, result.checkpoint,
-                      result.metrics.get("online_map"), result.metrics.get("online_map_baseline"))
+                      online)
     print_table(demo)
     return demo
 
@@ -85,10 +85,11 @@ def print_table(demo: DemoResult) -> None:
             ("GAELLE pretrained", f"{100 * demo.map_pretrained:.1f}"),
             ("random init", f"{100 * demo.map_random:.1f}"),
             ("margin", f"{100 * demo.margin:+.1f} points")]
-    if demo.online_map is not None and demo.online_map_baseline is not None:
-        rows.append(("online k-NN mAP", f"{100 * demo.online_map_baseline:.1f} at random init -> "
-                                        f"{100 * demo.online_map:.1f} after pretraining "
-                                        f"({100 * (demo.online_map - demo.online_map_baseline):+.1f})"))
+    for key, label in (("online_map", "online k-NN mAP"), ("online_linear_map", "online linear mAP")):
+        base, end = demo.online.get(f"{key}_baseline"), demo.online.get(key)
+        if base is not None and end is not None:
+            rows.append((label, f"{100 * base:.1f} at random init -> {100 * end:.1f} after pretraining "
+                                f"({100 * (end - base):+.1f}, val split)"))
     width = max(len(r[0]) for r in rows) + 2
     print()
     for left, right in rows:

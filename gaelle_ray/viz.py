@@ -144,13 +144,15 @@ def plot_loss_curves(history: Sequence[Mapping[str, Any]],
 
 
 def plot_online_map(history: Sequence[Mapping[str, Any]], baseline: float | None,
-                    title: str = "online evaluation during pretraining") -> Figure:
+                    title: str = "online evaluation during pretraining", *,
+                    linear_baseline: float | None = None) -> Figure:
     """The online k-NN mAP (and the online linear-probe mAP when recorded) against the
     number of epochs trained, with the random-initialisation baseline at 0 epochs.
 
     history: one dict per epoch (a checkpoint's `history`); the epochs that were evaluated
     hold `online_map` (and maybe `online_linear_map`). baseline: the online mAP before the
-    first step, or None. Raises ValueError when nothing was evaluated.
+    first step, or None; linear_baseline: the same for the online linear probe. Raises
+    ValueError when nothing was evaluated.
     """
     rows = [r for r in history if "online_map" in r and r.get("online_map_epoch", r["epoch"]) == r["epoch"]]
     if not rows and baseline is None:
@@ -160,8 +162,9 @@ def plot_online_map(history: Sequence[Mapping[str, Any]], baseline: float | None
     for key, label, colour in (("online_map", "k-NN mAP", "tab:blue"), ("online_linear_map", "linear mAP", "tab:green")):
         xs = [float(r["epoch"]) + 1 for r in rows if key in r and math.isfinite(r[key])]
         ys = [100 * float(r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        if key == "online_map" and baseline is not None:
-            xs, ys = [0.0] + xs, [100 * baseline] + ys
+        first = baseline if key == "online_map" else linear_baseline
+        if first is not None:
+            xs, ys = [0.0] + xs, [100 * first] + ys
         if xs:
             ax.plot(xs, ys, marker="o", color=colour, label=label)
     if baseline is not None:

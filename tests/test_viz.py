@@ -105,6 +105,22 @@ def test_plot_loss_curves_png(tmp_path):
         viz.save_figure(viz.plot_loss_curves(history), tmp_path / "curves.jpg")
 
 
+def test_plot_online_map_png(tmp_path):
+    history = [{"epoch": e, "loss": 3.0} for e in range(6)]
+    for e, value in ((1, 0.30), (3, 0.33), (5, 0.35)):
+        history[e].update(online_map=value, online_map_epoch=float(e), online_linear_map=value + 0.02)
+    history[2].update(online_map=0.30, online_map_epoch=1.0)  # carried forward: not a new point
+    fig = viz.plot_online_map(history, baseline=0.28)
+    ax = fig.axes[0]
+    knn = ax.lines[0]
+    assert list(knn.get_xdata()) == [0.0, 2.0, 4.0, 6.0]  # epochs trained; the baseline at 0
+    assert list(knn.get_ydata()) == pytest.approx([28.0, 30.0, 33.0, 35.0])
+    assert list(ax.lines[1].get_ydata()) == pytest.approx([32.0, 35.0, 37.0])  # linear mAP
+    _png_ok(viz.save_figure(fig, tmp_path / "online.png"))
+    with pytest.raises(ValueError, match="no online evaluation"):
+        viz.plot_online_map([{"epoch": 0, "loss": 1.0}], None)
+
+
 def test_plot_per_class_ap_png(tmp_path):
     names = [f"class_{i}" for i in range(20)]
     ap = np.linspace(0.2, 0.95, 20)

@@ -122,7 +122,8 @@ def fast_linear_probe(backbone: nn.Module, train_set: ShardImages, test_set: Sha
 
 def fit_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                            test_labels: torch.Tensor, settings: ProbeSettings, class_names: list[str], *,
-                           device: str | torch.device = "cpu", name: str = "fast-linear-probe") -> ProbeResult:
+                           device: str | torch.device = "cpu", name: str = "fast-linear-probe",
+                           log_epochs: bool = True) -> ProbeResult:
     """The fast probe's classifier fit on features already computed.
 
     train_feats: (N, F), train_labels: (N, C) uint8, test_feats: (Q, F), test_labels:
@@ -143,7 +144,7 @@ def fit_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor
 
     result = fit_classifier(clf, clf, batches, epoch_steps(n, b),
                             lambda: (classifier_scores(clf, test_feats), test_labels),
-                            settings, class_names, name=name, num_train=n)
+                            settings, class_names, name=name, num_train=n, log_epochs=log_epochs)
     result.mode = "fast"
     return result
 

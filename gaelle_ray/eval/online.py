@@ -22,6 +22,7 @@ workers on `model.backbone`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch import nn
 
 from gaelle_ray.eval.features import EvalTransform, ShardImages, make_loader
 from gaelle_ray.eval.metrics import mean_average_precision
+from gaelle_ray.eval.probe import ProbeSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class OnlineSettings:
     batch_size: int
     linear: bool
     cache_mb: int
+    probe: ProbeSettings  # the fast linear probe's settings (eval.*), with eval.online_linear
 
     @classmethod
     def from_config(cls, config) -> "OnlineSettings | None":
@@ -69,7 +72,7 @@ class OnlineSettings:
                    query_split=ev.online_query_split or ev.test_split, query_images=ev.online_query_images,
                    k=ev.online_knn_k, temperature=ev.online_knn_temperature, image_size=ev.image_size,
                    resize_size=ev.resize_size, batch_size=ev.batch_size, linear=ev.online_linear,
-                   cache_mb=ev.online_cache_mb)
+                   cache_mb=ev.online_cache_mb, probe=ProbeSettings.from_config(config))
 
     def due(self, epoch: int, total_epochs: int) -> bool:
         """Whether the probe runs at the end of `epoch` (0-based): every N epochs and after the last."""
@@ -170,7 +173,13 @@ class OnlineProbe:
     def evaluate(self, backbone: nn.Module, device: torch.device, group=None) -> dict[str, float]:
         """Score `backbone` (called in eval mode, its mode restored). Every worker of `group`
         must call this (a collective). Returns the same {"online_map", and
-        "online_linear_map" with eval.online_linear} on every worker."""
+        "online_linear_map" with eval.online_linear} on every worker. The random streams
+        are left as they were: a run trains the same with or without online evaluation."""
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return self._evaluate(backbone, device, group)
+
+    def _evaluate(self, backbone: nn.Module, device: torch.device, group) -> dict[str, float]:
         was_training = backbone.training
         backbone.eval()
         try:
@@ -209,12 +218,10 @@ class OnlineProbe:
 
     def _linear_map(self, bank_f, bank_y, query_f, query_y) -> float:
         from gaelle_ray.eval.linear import fit_linear_on_features
-        from gaelle_ray.eval.probe import ProbeSettings
 
-        settings = ProbeSettings(batch_size=self.settings.batch_size, image_size=self.settings.image_size,
-                                 resize_size=self.settings.resize_size)
-        result = fit_linear_on_features(bank_f, bank_y, query_f, query_y, settings, self.class_names,
-                                        name="online-linear-probe")
+        probe = dataclasses.replace(self.settings.probe, eval_every=self.settings.probe.epochs)  # the last epoch only
+        result = fit_linear_on_features(bank_f, bank_y, query_f, query_y, probe, self.class_names,
+                                        name="online-linear-probe", log_epochs=False)
         return float(result.map_final)
 
 

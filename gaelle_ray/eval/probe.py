@@ -233,14 +233,15 @@ def probe_datasets(data_uri: str, train_split: str, test_split: str, settings: P
 def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
                    steps_per_epoch: int, score_test: Callable[[], tuple[torch.Tensor, torch.Tensor] | None],
                    settings: ProbeSettings, class_names: Sequence[str], *, is_main: bool = True,
-                   name: str = "linear", num_train: int = 0, params: Sequence[nn.Parameter] | None = None
-                   ) -> ProbeResult | None:
+                   name: str = "linear", num_train: int = 0, params: Sequence[nn.Parameter] | None = None,
+                   log_epochs: bool = True) -> ProbeResult | None:
     """The training loop shared by every linear probe (single process, Ray workers, fast mode).
 
     clf: the classifier (its parameters are optimised); forward: the module called on a
     batch (clf itself, or clf wrapped in DDP); batches(epoch): (features (B, F), targets
     (B, C)) of one epoch, exactly `steps_per_epoch` of them; score_test(): (scores (N, C),
-    targets (N, C)) of the whole test set on the main process, None elsewhere.
+    targets (N, C)) of the whole test set on the main process, None elsewhere. log_epochs:
+    one log line per epoch (off for the online probe inside training).
 
     Returns the ProbeResult on the main process, None elsewhere.
     """
@@ -272,6 +273,7 @@ def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], 
                 record["test_map"] = maps.add(epoch, *out)
         if is_main:
             history.append(record)
+        if is_main and log_epochs:
             log.info("%s epoch %d/%d loss %.4f%s", name, epoch + 1, settings.epochs, record["train_loss"],
                      f" test mAP {100 * record['test_map']:.2f}" if "test_map" in record else "")
     if not is_main:

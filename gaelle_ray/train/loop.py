@@ -68,7 +68,9 @@ class Worker:
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     logger: object = None  # tracking.RunLogger on rank 0 when the run is tracked
     online: OnlineProbe | None = None  # the online evaluation, when eval.online_every_epochs > 0
-    online_state: dict = field(default_factory=dict)  # {"baseline": mAP of the random init, "latest": {...}}
+    # {"baseline": k-NN mAP of the random init, "baselines": every online metric of the random
+    #  init, "latest": the newest evaluation}
+    online_state: dict = field(default_factory=dict)
 
     @property
     def images_per_step(self) -> int:
@@ -281,8 +283,9 @@ def end_epoch(worker: Worker, epoch: int, tally: EpochTally) -> str | None:
     worker.history.append({"epoch": epoch, **epoch_metrics, **online})
 
     stop_reason = None
-    collapse = collapse_check(epoch_metrics, epoch, worker.config) or online_collapse_check(
-        worker.history, worker.online_state.get("baseline"), epoch, worker.config)
+    collapse = collapse_check(epoch_metrics, epoch, worker.config)
+    if not collapse and online:  # judged when a new online mAP arrives, not again on each epoch after it
+        collapse = online_collapse_check(worker.history, worker.online_state.get("baseline"), epoch, worker.config)
     if collapse:
         write_progress_line(f"WARNING {collapse}")
         if tc.collapse_action == "stop":
@@ -295,7 +298,8 @@ def end_epoch(worker: Worker, epoch: int, tally: EpochTally) -> str | None:
     else:
         ray.train.report(report)
     if worker.logger is not None:
-        worker.logger.log_metrics({f"epoch_{k}": v for k, v in {**epoch_metrics, **online}.items()}, step=epoch)
+        logged = {**epoch_metrics, **{k: v for k, v in online.items() if k != "online_map_epoch"}}  # step = epoch
+        worker.logger.log_metrics({f"epoch_{k}": v for k, v in logged.items()}, step=epoch)
         if collapse:
             worker.logger.set_tags({"collapse_warning": collapse})
     return stop_reason
@@ -319,16 +323,19 @@ def _report_with_checkpoint(worker: Worker, epoch: int, report: dict, queues: di
 
 def online_metrics(worker: Worker) -> dict[str, float]:
     """The newest online evaluation, as reported with every epoch (so that schedulers and
-    the progress line always see it): online_map, the baseline, the gain over it, the epoch
-    it was measured at (-1: the baseline itself), and online_linear_map when configured."""
+    the progress line always see it): online_map (and online_linear_map when configured),
+    the epoch it was measured at (-1: the baseline itself), and for each metric its
+    random-init baseline (`<metric>_baseline`) and the gain over it (`<metric>_gain`)."""
     st = worker.online_state
     latest = st.get("latest")
     if not latest:
         return {}
-    out = {k: v for k, v in latest.items()}
-    if st.get("baseline") is not None:
-        out["online_map_baseline"] = st["baseline"]
-        out["online_map_gain"] = latest["online_map"] - st["baseline"]
+    out = dict(latest)
+    baselines = st.get("baselines") or ({"online_map": st["baseline"]} if st.get("baseline") is not None else {})
+    for key, base in baselines.items():
+        if key in latest:
+            out[f"{key}_baseline"] = base
+            out[f"{key}_gain"] = latest[key] - base
     return out
 
 
@@ -341,21 +348,27 @@ def evaluate_online(worker: Worker, epoch: int) -> dict[str, float]:
     worker.online_state["latest"] = latest
     if epoch < 0:
         worker.online_state["baseline"] = result["online_map"]
+        worker.online_state["baselines"] = dict(result)
     metrics = online_metrics(worker)
     if worker.rank == 0:
         bank, queries = worker.online.sizes
         what = "random-init baseline" if epoch < 0 else f"epoch {epoch + 1}/{worker.config.train.epochs}"
         gain = (f" (baseline {100 * metrics['online_map_baseline']:.1f}, {100 * metrics['online_map_gain']:+.1f})"
                 if epoch >= 0 and "online_map_gain" in metrics else "")
-        linear = f", linear {100 * result['online_linear_map']:.1f}" if "online_linear_map" in result else ""
+        linear = ""
+        if "online_linear_map" in result:
+            linear = f", linear {100 * result['online_linear_map']:.1f}"
+            if epoch >= 0 and "online_linear_map_gain" in metrics:
+                linear += f" ({100 * metrics['online_linear_map_gain']:+.1f})"
         write_progress_line(f"{what} online k-NN mAP {100 * result['online_map']:.1f}{gain}{linear} "
                             f"({bank} bank / {queries} query images, {time.perf_counter() - t0:.1f}s)")
     return metrics
 
 
 def log_online_baseline(worker: Worker) -> None:
-    if worker.logger is not None and worker.online_state.get("baseline") is not None:
-        worker.logger.log_metrics({"online_map_baseline": worker.online_state["baseline"]}, step=0)
+    baselines = worker.online_state.get("baselines") or {}
+    if worker.logger is not None and baselines:
+        worker.logger.log_metrics({f"{k}_baseline": v for k, v in baselines.items()}, step=0)
 
 
 # ----------------------------------------------------------------------------- the loop

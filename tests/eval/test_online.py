@@ -103,3 +103,13 @@ def test_online_collapse_watch():
     learning = flat[:2] + [{"epoch": 2, "online_map": 0.33, "online_map_epoch": 2}]
     assert online_collapse_check(learning, 0.3, 2, config) is None
     assert online_collapse_check(flat[:3], None, 2, config) is None  # no baseline: no verdict
+
+
+def test_evaluation_leaves_the_random_streams_as_they_were(toy_shards):
+    probe = OnlineProbe(_settings(toy_shards, online_linear=True))  # the linear probe draws numbers too
+    backbone = random_backbone(1).train()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe.evaluate(backbone, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
