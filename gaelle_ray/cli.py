@@ -125,9 +125,9 @@ def _eval_config(args: argparse.Namespace):
     changes = {}
     if args.dataset and args.dataset != config.eval.dataset:
         changes = {"eval.dataset": args.dataset, **PROTOCOL.get(args.dataset, {})}
-    from gaelle_ray.config import parse_override
+    from gaelle_ray.config import parse_override, with_absolute_paths
     changes.update(dict(parse_override(item) for item in args.overrides))
-    return config.replace(changes) if changes else config
+    return with_absolute_paths(config.replace(changes) if changes else config)
 
 
 def _linear_eval(args: argparse.Namespace) -> int:

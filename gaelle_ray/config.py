@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,10 +384,33 @@ def _plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+# config keys that hold a storage location: a relative local path in them means relative to
+# the directory the command was run from, and is made absolute once, on the driver
+PATH_KEYS = ("data.shards", "eval.data", "eval.online_data", "train.run_dir", "ray.storage_path")
+
+
+def with_absolute_paths(config: Config, base: str | Path | None = None) -> Config:
+    """The config with every relative local path of PATH_KEYS made absolute against `base`
+    (None: the current directory). URIs (s3://, file://, ...) and empty values are kept.
+    Ray workers run in another directory, so the driver does this before anything starts."""
+    base = os.path.abspath(os.fspath(base) if base is not None else os.getcwd())
+    changes = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            changes[key] = os.path.normpath(os.path.join(base, value))
+        elif value.startswith("~"):
+            changes[key] = os.path.expanduser(value)
+    return config.replace(changes) if changes else config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, base: str | Path | None = None) -> Config:
     """Read a YAML config, apply `key.sub=value` overrides, validate, return a Config.
 
-    Raises ConfigError naming the file (and the key) on any problem.
+    Relative local paths (PATH_KEYS) in the file or the overrides are made absolute against
+    `base` (None: the current directory, where the command runs). Raises ConfigError naming
+    the file (and the key) on any problem.
     """
     path = Path(path)
     source = str(path)
@@ -407,7 +431,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     for item in overrides:
         key, value = parse_override(item, source)
         _set_dotted(raw, key, value, source)
-    return build_config(raw, source)
+    return with_absolute_paths(build_config(raw, source), base)
 
 
 def parse_override(item: str, source: str = "<overrides>") -> tuple[str, Any]:

@@ -168,7 +168,7 @@ def plot_online_map(history: Sequence[Mapping[str, Any]], baseline: float | None
         if xs:
             ax.plot(xs, ys, marker="o", color=colour, label=label)
     if baseline is not None:
-        ax.axhline(100 * baseline, color="grey", ls=":", lw=1, label=f"random init {100 * baseline:.1f}")
+        ax.axhline(100 * baseline, color="grey", ls=":", lw=1, label=f"k-NN at random init {100 * baseline:.1f}")
     ax.set_xlabel("epochs trained")
     ax.set_ylabel("mAP (%)")
     ax.set_title(title)

@@ -117,3 +117,25 @@ def test_dump_roundtrip_and_dict_boundary(tmp_path):
     assert flat["queue.queue_length"] == 128
     assert flat["augmentation.size_crops"] == list(c.augmentation.size_crops)  # a list, not a tuple
     assert c.replace({"optim.base_lr": 0.1}).optim.base_lr == 0.1
+
+
+def test_relative_paths_mean_the_directory_the_command_runs_in(tmp_path, monkeypatch, capsys):
+    """Ray workers run in Ray's session directory, so a relative path in a config, a --set or
+    an evaluation config is made absolute once, on the driver, against the current directory."""
+    from gaelle_ray.cli import main
+    from gaelle_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(ROOT / "experiments" / "cpu_demo.yaml", ["eval.online_data=other/shards"])
+    assert config.data.shards == str(tmp_path / "runs" / "toy" / "shards")  # from the file
+    assert config.eval.data == str(tmp_path / "runs" / "toy" / "shards")
+    assert config.train.run_dir == str(tmp_path / "runs" / "cpu_demo")
+    assert config.eval.online_data == str(tmp_path / "other" / "shards")  # from the override
+    remote = load_config(ROOT / "experiments" / "coco2017_400ep.yaml")
+    assert remote.data.shards == "s3://bucket/coco2017" and remote.ray.storage_path == ""  # URIs, empties kept
+    assert with_absolute_paths(config) == config  # once absolute, unchanged
+    assert main(["config", "show", "--config", str(ROOT / "experiments" / "cpu_demo.yaml"),
+                 "--set", "train.run_dir=runs/x"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["run_dir"] == str(tmp_path / "runs" / "x")
+    assert shown["data"]["shards"] == str(tmp_path / "runs" / "toy" / "shards")

@@ -52,7 +52,8 @@ def test_ray_start_then_job_submit_pretraining(tmp_path):
                       check=False)
         assert denied.returncode != 0
         entry = (f"{BIN / 'gaelle'} pretrain --config {ROOT / 'experiments' / 'cpu_demo.yaml'} --address auto "
-                 f"--num-workers 1 --set data.shards={shards} --set train.run_dir={run_dir} --set train.epochs=1 "
+                 f"--num-workers 1 --set data.shards={shards} --set eval.data={shards} --set train.run_dir={run_dir} "
+                 "--set train.epochs=1 "
                  "--set train.batch_size_per_worker=16 --set augmentation.size_crops=[48,24] "
                  "--set model.hidden_mlp=64 --set model.feat_dim=32 --set model.nmb_prototypes=20 "
                  "--set model.nmb_local_prototypes=20 --set train.log_every_steps=1")

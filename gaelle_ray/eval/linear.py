@@ -210,6 +210,7 @@ def run_linear_eval(checkpoint: str, dataset: str | None, data_uri: str | None, 
     data_uri = data_uri or ev.data
     if not data_uri:
         raise ValueError("linear-eval: no evaluation shards: pass the data URI or set eval.data")
+    data_uri = storage.normalise(data_uri)  # the workers run elsewhere: absolute, on the driver
     if track:  # fail before hours of probing, not after
         from gaelle_ray import tracking
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gaelle_ray import storage
 from gaelle_ray.eval.checkpoints import load_backbone_info, pretraining_run_id_of
 from gaelle_ray.eval.features import (
     EvalTransform, ShardImages, default_loader_workers, extract_features, make_loader,
@@ -165,6 +166,7 @@ def run_semisup(checkpoint: str, percent: float, data_uri: str | None, config, *
     data_uri = data_uri or ev.data
     if not data_uri:
         raise ValueError("semisup: no evaluation shards: pass the data URI or set eval.data")
+    data_uri = storage.normalise(data_uri)  # the workers run elsewhere: absolute, on the driver
     if track:  # fail before the fine-tuning, not after
         from gaelle_ray import tracking
 

@@ -35,15 +35,17 @@ def online_collapse_check(history: list[dict], baseline: float | None, epoch: in
     history: the epoch records (those with "online_map" were evaluated); baseline: the
     online mAP of the random initialisation (None: unknown, no check). At its baseline:
     every online mAP measured in epochs (epoch - window, epoch] gains less than
-    `train.collapse_min_map_gain` over it (and there is at least one; the window must
-    have passed since the start).
+    `train.collapse_min_map_gain` over it. It takes at least two evaluations in the window
+    (one is a single noisy point: early in training the k-NN mAP can dip below its
+    baseline before it rises), so the window must span two `eval.online_every_epochs`, and
+    it must have passed since the start.
     """
     window = config.train.collapse_window_epochs
     if baseline is None or window <= 0 or epoch + 1 < window:
         return None
     recent = [r["online_map"] for r in history if "online_map" in r and epoch - window < r["epoch"] <= epoch
               and r.get("online_map_epoch", r["epoch"]) == r["epoch"]]
-    if not recent:
+    if len(recent) < 2:
         return None
     min_gain = config.train.collapse_min_map_gain
     if max(recent) - baseline < min_gain:

@@ -210,7 +210,7 @@ def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint:
         if baseline is not None or any("online_map" in r for r in state["history"]):
             fig = viz.plot_online_map(state["history"], baseline,
                                       linear_baseline=(online.get("baselines") or {}).get("online_linear_map"),
-                                      title=f"online k-NN mAP, {config.model.arch} ({config.eval.dataset})")
+                                      title=f"online mAP on held-out images, {config.model.arch} ({config.eval.dataset})")
             files.append(viz.save_figure(fig, pictures / "online_map.png"))
         images = _validation_images(config, count=4, size=config.augmentation.size_crops[0])
         if images is not None:

@@ -103,6 +103,8 @@ def test_online_collapse_watch():
     learning = flat[:2] + [{"epoch": 2, "online_map": 0.33, "online_map_epoch": 2}]
     assert online_collapse_check(learning, 0.3, 2, config) is None
     assert online_collapse_check(flat[:3], None, 2, config) is None  # no baseline: no verdict
+    sparse = [{"epoch": e, "online_map": 0.29, "online_map_epoch": e} for e in (2,)]  # one point in the window
+    assert online_collapse_check(sparse, 0.3, 2, config) is None
 
 
 def test_evaluation_leaves_the_random_streams_as_they_were(toy_shards):
