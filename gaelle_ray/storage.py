@@ -130,8 +130,26 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
     if not meta_path.is_file() or not state_path.is_file():
         raise ValueError(f"{directory}: not a complete gaelle checkpoint (needs {STATE_FILE} and {META_FILE})")
     meta = read_meta_file(meta_path)
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    return state, meta
+    return load_tensors_file(state_path), meta
+
+
+def load_tensors_file(path: str | Path, allowed: tuple = ()) -> Any:
+    """torch.load onto the CPU with weights_only=True: tensors, numbers, strings and plain
+    containers only, plus the `allowed` types. Nothing in the file can run code; a file
+    that holds anything else (a crafted pickle, an arbitrary object) is refused with a
+    ValueError naming the file and what it holds."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: refused: the file holds more than tensors and plain containers, and loading "
+                         f"it could run code ({first}); only load checkpoints you trust the origin of, as "
+                         "tensors (gaelle never unpickles arbitrary objects)") from None
 
 
 def read_meta_file(path: str | Path) -> dict[str, Any]:

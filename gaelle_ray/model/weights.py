@@ -48,13 +48,34 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
     module.load_state_dict(state, strict=True)
 
 
+def _released_allowlist() -> tuple:
+    """The few non-tensor types a released SwAV/GAELLE checkpoint may hold besides tensors
+    and plain containers: the training script's argparse.Namespace and numpy scalars. Each
+    only holds data; unpickling it runs no code of the file's choosing."""
+    import argparse
+
+    import numpy as np
+
+    allowed = [argparse.Namespace, np.dtype]
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
+    allowed.append(core.multiarray.scalar)
+    allowed += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType") if hasattr(np, "dtypes")]
+    return tuple(allowed)
+
+
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """torch.load a checkpoint file onto the CPU with a clear error naming the file."""
+    """Load a checkpoint file onto the CPU, tensors and plain containers only (plus the
+    released checkpoints' few data-only types): no code in the file can run. Errors name
+    the file."""
+    from gaelle_ray.storage import load_tensors_file
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_tensors_file(path, _released_allowlist())
+    except ValueError:
+        raise
     except Exception as exc:  # torch raises many kinds for a corrupt file
         raise ValueError(f"{path}: cannot read checkpoint: {exc}") from exc
     if not isinstance(obj, dict):
