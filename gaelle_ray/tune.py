@@ -24,8 +24,9 @@ that the training workers measure every `eval.online_every_epochs` epochs (repor
 every epoch, the newest value). Losses are not comparable across trials that differ in
 epsilon, temperature, K, the queue or the crops, so pruning on a loss while the space varies
 one of those keys gets a warning naming them. A trial whose collapse watch fires stops at
-once (`train.collapse_action: stop` is forced) and reports `collapsed`. MLflow: one parent run per sweep, one child run per trial (params,
-curves, final mAP); the best trial's config is written as a ready-to-run experiment YAML.
+once (`train.collapse_action: stop` is forced) and reports `collapsed`. MLflow: one parent
+run per sweep, one child run per trial (params, curves, final mAP); the best trial's config
+is written as a ready-to-run experiment YAML.
 `--resume` continues a stopped sweep without rerunning finished trials.
 """
 
