@@ -146,10 +146,14 @@ def load_tensors_file(path: str | Path, allowed: tuple = ()) -> Any:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        objects = [line for line in lines if "GLOBAL" in line]  # torch names the refused object this way
+        if not objects:  # not a pickle torch can read at all: a corrupt or foreign file
+            raise ValueError(f"{path}: cannot read checkpoint: not a torch checkpoint file "
+                             f"({lines[-2] if len(lines) > 1 else type(exc).__name__})") from None
         raise ValueError(f"{path}: refused: the file holds more than tensors and plain containers, and loading "
-                         f"it could run code ({first}); only load checkpoints you trust the origin of, as "
-                         "tensors (gaelle never unpickles arbitrary objects)") from None
+                         f"it could run code ({objects[0]}); gaelle loads checkpoints as tensors only and never "
+                         "unpickles arbitrary objects") from None
 
 
 def read_meta_file(path: str | Path) -> dict[str, Any]:

@@ -68,8 +68,7 @@ class Worker:
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     logger: object = None  # tracking.RunLogger on rank 0 when the run is tracked
     online: OnlineProbe | None = None  # the online evaluation, when eval.online_every_epochs > 0
-    # {"baseline": k-NN mAP of the random init, "baselines": every online metric of the random
-    #  init, "latest": the newest evaluation}
+    # {"baselines": every online metric of the random init, "latest": the newest evaluation}
     online_state: dict = field(default_factory=dict)
 
     @property
@@ -285,7 +284,8 @@ def end_epoch(worker: Worker, epoch: int, tally: EpochTally) -> str | None:
     stop_reason = None
     collapse = collapse_check(epoch_metrics, epoch, worker.config)
     if not collapse and online:  # judged when a new online mAP arrives, not again on each epoch after it
-        collapse = online_collapse_check(worker.history, worker.online_state.get("baseline"), epoch, worker.config)
+        baseline = worker.online_state.get("baselines", {}).get("online_map")
+        collapse = online_collapse_check(worker.history, baseline, epoch, worker.config)
     if collapse:
         write_progress_line(f"WARNING {collapse}")
         if tc.collapse_action == "stop":
@@ -331,8 +331,7 @@ def online_metrics(worker: Worker) -> dict[str, float]:
     if not latest:
         return {}
     out = dict(latest)
-    baselines = st.get("baselines") or ({"online_map": st["baseline"]} if st.get("baseline") is not None else {})
-    for key, base in baselines.items():
+    for key, base in st.get("baselines", {}).items():
         if key in latest:
             out[f"{key}_baseline"] = base
             out[f"{key}_gain"] = latest[key] - base
@@ -347,7 +346,6 @@ def evaluate_online(worker: Worker, epoch: int) -> dict[str, float]:
     latest = {**result, "online_map_epoch": float(epoch)}
     worker.online_state["latest"] = latest
     if epoch < 0:
-        worker.online_state["baseline"] = result["online_map"]
         worker.online_state["baselines"] = dict(result)
     metrics = online_metrics(worker)
     if worker.rank == 0:
@@ -384,7 +382,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     open_run_logger(worker, loop_config.get("tracking_uri", ""), loop_config.get("run_id", ""))
     if start_epoch >= tc.epochs:
         return
-    if worker.online is not None and start_epoch == 0 and "baseline" not in worker.online_state:
+    if worker.online is not None and start_epoch == 0 and "baselines" not in worker.online_state:
         evaluate_online(worker, -1)  # the random initialisation of this run, before its first step
     log_online_baseline(worker)
 

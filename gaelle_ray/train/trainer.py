@@ -205,11 +205,10 @@ def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint:
         fig = viz.plot_loss_curves(state["history"], nmb_prototypes=config.model.nmb_prototypes,
                                    title=f"GAELLE pretraining, {config.model.arch}")
         files = [viz.save_figure(fig, pictures / "loss_curves.png")]
-        online = state.get("online") or {}
-        baseline = online.get("baseline")
-        if baseline is not None or any("online_map" in r for r in state["history"]):
-            fig = viz.plot_online_map(state["history"], baseline,
-                                      linear_baseline=(online.get("baselines") or {}).get("online_linear_map"),
+        baselines = (state.get("online") or {}).get("baselines", {})
+        if baselines or any("online_map" in r for r in state["history"]):
+            fig = viz.plot_online_map(state["history"], baselines.get("online_map"),
+                                      linear_baseline=baselines.get("online_linear_map"),
                                       title=f"online mAP on held-out images, {config.model.arch} ({config.eval.dataset})")
             files.append(viz.save_figure(fig, pictures / "online_map.png"))
         images = _validation_images(config, count=4, size=config.augmentation.size_crops[0])

@@ -55,7 +55,7 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     assert state["queues"]["queue"][0]["buffer"].shape == (2, 16, 32)
     # online evaluation: the random-init baseline before the first step, then every epoch,
     # features sharded over the two workers; reported to Ray Train and kept in the checkpoint
-    baseline = state["online"]["baseline"]
+    baseline = state["online"]["baselines"]["online_map"]
     assert 0.0 < baseline <= 1.0
     assert [r["online_map_epoch"] for r in state["history"]] == [0.0, 1.0]
     assert result.metrics["online_map"] == state["history"][-1]["online_map"]
@@ -96,7 +96,7 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     state, meta = load_checkpoint(resumed.checkpoint)
     assert meta["world_size"] == 1 and state["worker"]["iteration"] == 16 + 16
     assert state["queues"]["queue"][0]["buffer"].shape == (2, 32, 32)  # re-split: 2 x 16 rows -> 1 x 32
-    assert state["online"]["baseline"] == baseline  # the run's own baseline, not measured again
+    assert state["online"]["baselines"]["online_map"] == baseline  # the run's own baseline, not measured again
     assert _epoch_history(resumed, "epoch_online_map") == [0, 1, 2]
 
 
