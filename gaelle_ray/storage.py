@@ -123,8 +123,6 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
 
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a local checkpoint folder; ValueError naming the folder when incomplete."""
-    import torch
-
     directory = Path(directory)
     meta_path, state_path = directory / META_FILE, directory / STATE_FILE
     if not meta_path.is_file() or not state_path.is_file():
