@@ -65,7 +65,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.gpu:
         overrides.append("train.use_gpu=true")
     if args.cpu:
-        overrides += ["train.use_gpu=false", "train.precision=fp32"]
+        overrides.append("train.use_gpu=false")
     if args.address is not None:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--num-workers", type=int, help="training workers (overrides train.num_workers)")
     device = pre.add_mutually_exclusive_group()
     device.add_argument("--gpu", action="store_true", help="one GPU per worker (train.use_gpu=true)")
-    device.add_argument("--cpu", action="store_true", help="CPU workers, float32 (train.use_gpu=false)")
+    device.add_argument("--cpu", action="store_true", help="CPU workers (train.use_gpu=false; train.precision applies on the CPU too)")
     pre.add_argument("--resume", action="store_true",
                      help="continue the run in train.run_dir from its newest checkpoint")
     pre.set_defaults(handler=_pretrain)

@@ -239,7 +239,7 @@ class TrainConfig:
     batch_size_per_worker: int = 64
     num_workers: int = 2
     use_gpu: bool = True
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (CPU always runs fp32)
+    precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32: autocast on CPU and CUDA alike
     compile: bool = False
     channels_last: bool = True
     seed: int = 31
@@ -272,6 +272,7 @@ class EvalConfig:
     resize_size: int = 256
     num_workers: int = 1
     allow_overlap: bool = False
+    precision: str = "fp32"  # the evaluation forwards (features, probes, fine-tuning): fp32 | bf16 | fp16
     # online evaluation during pretraining (a weighted k-NN multi-label probe on the pooled
     # backbone features, optionally also the fast linear probe on the same features)
     online_every_epochs: int = 0  # 0 = off; else every N epochs and once before the first step
@@ -605,6 +606,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     positive("train", "max_failures", "collapse_window_epochs", allow_zero=True)
     if train.precision not in PRECISIONS:
         fail("train.precision", f"must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
+    if config.eval.precision not in PRECISIONS:
+        fail("eval.precision", f"must be one of {', '.join(PRECISIONS)}, got {config.eval.precision!r}")
     if train.collapse_action not in COLLAPSE_ACTIONS:
         fail("train.collapse_action", f"must be one of {', '.join(COLLAPSE_ACTIONS)}, "
              f"got {train.collapse_action!r}")

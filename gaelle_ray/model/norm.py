@@ -42,9 +42,11 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank], None
 
 
-def batch_moments(x: torch.Tensor, dims: tuple[int, ...], group=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def batch_moments(x: torch.Tensor, dims: tuple[int, ...], group=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
     """Mean and biased variance of x over `dims` (kept as size-1 dims) and the number of
-    values per statistic, over every worker of `group` or over this process alone.
+    values per statistic, over every worker of `group` or over this process alone (then a
+    0-dim tensor: reading it would stall a GPU once per BatchNorm).
 
     Each worker computes its own two-pass mean and sum of squared deviations; one
     differentiable all-gather of [count, mean, M2] brings them together and they are merged
@@ -66,9 +68,9 @@ def batch_moments(x: torch.Tensor, dims: tuple[int, ...], group=None) -> tuple[t
         total = counts.sum()
         merged = (counts * means).sum(0) / total  # (n,)
         spread = (m2 + counts * (means - merged) ** 2).sum(0) / total  # (n,)
-        count = int(total.item())
+        count = total  # >= 2: two or more workers with at least one value each
         mean, var = merged.reshape(mean.shape), spread.reshape(var.shape)
-    if count < 2:
+    elif count < 2:
         raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {count} "
                          "(batch too small)")
     return mean, var, count
@@ -170,12 +172,15 @@ class GroupBatchNorm(_BatchNorm):
 
 def convert_group_batchnorm(module: nn.Module, group) -> nn.Module:
     """Replace every BatchNorm in `module` by a GroupBatchNorm over `group`, keeping its
-    parameters and buffers (the module is changed in place and returned)."""
+    parameters (with their requires_grad) and buffers (the module is changed in place and
+    returned)."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GroupBatchNorm):
         new = GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, group)
         state = module.state_dict()
         new.load_state_dict(state)
+        for name, param in module.named_parameters(recurse=False):
+            getattr(new, name).requires_grad_(param.requires_grad)
         new.train(module.training)
         return new.to(state["running_mean"].device if "running_mean" in state else "cpu")
     for name, child in module.named_children():

@@ -82,18 +82,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build(config: Config, device: torch.device, world: int):
+def build_training_model(config: Config, device: torch.device, world: int):
     """(model, what the step calls, process group): the model with synchronised BatchNorm
-    across the workers, wrapped in DDP when there are several and compiled when configured."""
+    across the workers (our GroupBatchNorm on every backend, gloo and nccl alike: one
+    implementation, the one the tests run), in channels-last layout when configured,
+    wrapped in DDP when there are several workers and compiled when configured."""
     group = dist.group.WORLD if world > 1 else None
     model = build_model(config, position_group=group)
     if world > 1 and config.model.sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # torch's SyncBatchNorm refuses CPU tensors
-            model = convert_group_batchnorm(model, group)
+        model = convert_group_batchnorm(model, group)
     model.to(device)
-    if device.type == "cuda" and config.train.channels_last:
+    if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward_model: nn.Module = model
     if world > 1:
@@ -113,7 +112,7 @@ def set_up_worker(config: Config) -> Worker:
         torch.set_num_threads(max(1, int(config.ray.num_cpus_per_worker)))
     _seed_everything(config.train.seed + rank)
     steps = steps_per_epoch(config, count_rows(config), world)
-    model, forward_model, group = _build(config, device, world)
+    model, forward_model, group = build_training_model(config, device, world)
     stepper = GaelleStepper(model, config, device, group, world, rank, steps, forward_model)
     settings = OnlineSettings.from_config(config)
     online = OnlineProbe(settings, rank, world) if settings is not None else None
@@ -195,7 +194,9 @@ class EpochTally:
         if not m.nonfinite:
             self.finite_steps += 1
             for key in EPOCH_KEYS:
-                self.sums[key] += getattr(m, key)
+                value = getattr(m, key)
+                if value is not None:  # None: a loss term with weight 0
+                    self.sums[key] += value
 
 
 def run_epoch(worker: Worker, batches: Iterable[StreamBatch], epoch: int) -> EpochTally:
@@ -229,17 +230,22 @@ def _log_step(worker: Worker, tally: EpochTally, m: StepMetrics, epoch: int, don
         remaining = (tc.epochs - epoch - 1) * steps + steps - done
         write_progress_line(
             f"epoch {epoch + 1}/{tc.epochs} step {done}/{steps} loss {m.loss:.4f} "
-            f"(global {m.loss_global:.3f} local {m.loss_local:.3f} l2g {m.loss_l2g:.3f}) "
+            f"(global {m.loss_global:.3f} local {_term(m.loss_local)} l2g {_term(m.loss_l2g)}) "
             f"lr {m.lr:.4g} {imgs:.1f} img/s data wait {100 * tally.wait_s / elapsed:.0f}% "
             f"eta {_format_eta(remaining * elapsed / done)}")
     if worker.logger is not None:
-        worker.logger.log_metrics({"loss": m.loss, "loss_global": m.loss_global, "loss_local": m.loss_local,
-                                   "loss_l2g": m.loss_l2g, "lr": m.lr, "images_per_s": imgs,
+        terms = {k: v for k, v in (("loss_local", m.loss_local), ("loss_l2g", m.loss_l2g)) if v is not None}
+        worker.logger.log_metrics({"loss": m.loss, "loss_global": m.loss_global, **terms, "lr": m.lr,
+                                   "images_per_s": imgs,
                                    "data_wait_share": tally.wait_s / elapsed,
                                    "code_entropy": m.code_entropy, "prototypes_in_use": m.prototypes_in_use,
                                    "skipped_records": tally.skipped_records,
                                    "nonfinite_steps": worker.stepper.nonfinite_total},
                                   step=worker.stepper.iteration)
+
+
+def _term(value: float | None) -> str:
+    return "off" if value is None else f"{value:.3f}"
 
 
 def _mean_over_workers(values: dict[str, float], group, device) -> dict[str, float]:
@@ -264,13 +270,20 @@ def _gather_queues(worker: Worker) -> dict[str, list | None]:
     return {k: [e[k] for e in everyone] for k in mine}
 
 
+def _computed(worker: Worker) -> set[str]:
+    """The EPOCH_KEYS this run computes (a loss term with weight 0 is not)."""
+    _, w_local, w_l2g = worker.stepper.settings.weights
+    off = {"loss_local"} if w_local == 0 else set()
+    return set(EPOCH_KEYS) - off - ({"loss_l2g"} if w_l2g == 0 else set())
+
+
 def end_epoch(worker: Worker, epoch: int, tally: EpochTally) -> str | None:
     """Every rank: the epoch's metrics averaged over workers, the collapse watch, the report
     to Ray Train (with a checkpoint written by rank 0 when one is due), the epoch metrics to
     MLflow. Returns why the run must stop, or None."""
     tc, stepper = worker.config.train, worker.stepper
     elapsed = time.perf_counter() - tally.started
-    local = {k: tally.sums[k] / max(tally.finite_steps, 1) for k in EPOCH_KEYS}
+    local = {k: tally.sums[k] / max(tally.finite_steps, 1) for k in EPOCH_KEYS if k in _computed(worker)}
     local.update(images_per_s=worker.steps * worker.images_per_step / elapsed, data_wait_share=tally.wait_s / elapsed,
                  skipped_records=float(tally.skipped_records))
     epoch_metrics = _mean_over_workers(local, worker.group, worker.device)

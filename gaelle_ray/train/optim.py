@@ -44,11 +44,13 @@ class LARC:
         self.optim.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def adapt_gradients(self) -> None:
-        """Rescale every gradient in place by its layer's trust ratio (the LARC rule)."""
+    def adapt_gradients(self) -> torch.Tensor:
+        """Rescale every gradient in place by its layer's trust ratio (the LARC rule).
+        Returns a 0-dim bool tensor: every gradient was finite (read it only when needed:
+        on a GPU reading it waits for the backward)."""
         params = [p for g in self.optim.param_groups for p in g["params"] if p.grad is not None]
         if not params:
-            return
+            return torch.tensor(True)
         grads = [p.grad for p in params]
         w_norms = torch.stack(torch._foreach_norm(params))  # (n_params,)
         g_norms = torch.stack(torch._foreach_norm(grads))  # (n_params,)
@@ -61,6 +63,7 @@ class LARC:
         # g <- g * scale + w * decay, i.e. (g + wd w) * local_lr where active, g otherwise
         torch._foreach_mul_(grads, list(scale.unbind()))
         torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind())))
+        return torch.isfinite(g_norms).all()
 
     def step(self) -> None:
         self.adapt_gradients()

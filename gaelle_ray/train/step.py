@@ -5,8 +5,12 @@ or in several gloo processes.
 
 A step: learning rate for this iteration -> prototypes normalised -> colour ops on the
 device -> one backbone call per resolution under autocast -> queue scores -> losses ->
-(agreed across workers) finite? -> backward -> prototype gradients dropped while frozen ->
-LARC step -> queues pushed.
+(agreed across workers) finite? -> backward (scaled under fp16) -> prototype gradients
+dropped while frozen -> LARC step (skipped by the GradScaler after an fp16 overflow, which
+then halves its scale) -> queues pushed.
+
+The same code runs on every device: `train.precision` autocasts on a CPU as on a GPU, and
+`train.channels_last` lays out the crops (and the model, in train/loop.py) on both.
 """
 
 from __future__ import annotations
@@ -23,20 +27,12 @@ from torch import nn
 from gaelle_ray.data.colour import ColourAugment
 from gaelle_ray.losses.gaelle import LossSettings, LossTerms, NonFiniteLossError, gaelle_losses, local_pairs
 from gaelle_ray.losses.queue import EmbeddingQueue, per_worker_length
+from gaelle_ray.precision import autocast, autocast_dtype, grad_scaler, to_layout
 from gaelle_ray.train.optim import build_optimizer, drop_prototype_gradients, learning_rate, set_learning_rate
 
 
 class TooManyNonFiniteSteps(RuntimeError):
     """Raised after train.max_nonfinite_steps non-finite losses in a row."""
-
-
-def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
-    """bf16 / fp16 on CUDA as configured (bf16 falls back to fp16 where unsupported); None on CPU."""
-    if device.type != "cuda" or config.train.precision == "fp32":
-        return None
-    if config.train.precision == "bf16" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def code_statistics(codes: torch.Tensor) -> tuple[float, float]:
@@ -53,13 +49,18 @@ def code_statistics(codes: torch.Tensor) -> tuple[float, float]:
 class StepMetrics:
     loss: float
     loss_global: float
-    loss_local: float
-    loss_l2g: float
     lr: float
     code_entropy: float
     prototypes_in_use: float
     nonfinite: bool
     step_seconds: float
+    # None: the term's weight is 0, so it was not computed
+    loss_local: float | None = None
+    loss_l2g: float | None = None
+
+
+def _value(term: torch.Tensor | None) -> float | None:
+    return None if term is None else float(term.detach())
 
 
 class GaelleStepper:
@@ -85,8 +86,8 @@ class GaelleStepper:
         self.iters_per_epoch = iters_per_epoch
         self.settings = LossSettings.from_config(config)
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.amp_dtype = autocast_dtype(config, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.amp_dtype = autocast_dtype(config.train.precision, device)
+        self.scaler = grad_scaler(self.amp_dtype, device)
         self.colour = (ColourAugment(config.augmentation, seed=config.train.seed * 1000 + rank, device=device)
                        if config.augmentation.colour_on_device else None)
         self.queue: EmbeddingQueue | None = None
@@ -105,7 +106,7 @@ class GaelleStepper:
         a, d = len(self.settings.crops_for_assign), self.model.feat_dim
         if self.queue is None and qc.queue_length > 0:
             self.queue = EmbeddingQueue(a, per_worker_length(qc.queue_length, b, self.world_size), d, self.device)
-        if self.local_queue is None and qc.local_queue_length > 0:
+        if self.local_queue is None and qc.local_queue_length > 0 and self.settings.weights[1] != 0:
             rows = b * self.settings.n_slots
             length = per_worker_length(qc.local_queue_length, rows, self.world_size)
             self.local_queue = EmbeddingQueue(a, length, d, self.device)
@@ -119,10 +120,7 @@ class GaelleStepper:
             c = c.to(self.device, non_blocking=True)
             if self.colour is not None:
                 c = self.colour(c)
-            c = c.float()
-            if self.device.type == "cuda" and self.config.train.channels_last:
-                c = c.contiguous(memory_format=torch.channels_last)
-            out.append(c)
+            out.append(to_layout(c.float(), self.config.train.channels_last))
         return out
 
     def slot_perms(self) -> torch.Tensor | None:
@@ -154,8 +152,7 @@ class GaelleStepper:
         self.start_queues(epoch)
         inputs = self._prepare(crops)
 
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast(self.amp_dtype, self.device):
             out = self.forward_model(inputs)
         queue_scores = self.queue.scores(self.model.prototypes.weight) if self.queue else None
         local_queue_scores = self.local_queue.scores(self.model.local_prototypes.weight) if self.local_queue else None
@@ -170,18 +167,22 @@ class GaelleStepper:
         self.optimizer.zero_grad(set_to_none=True)
         if not self._all_finite(error is None):
             return self._skip(error, lr, t0)
-        self.nonfinite_in_a_row = 0
         self.scaler.scale(terms.total).backward()
         drop_prototype_gradients(self.model, self.iteration, self.config.optim.freeze_prototypes_niters)
         self.scaler.unscale_(self.optimizer.optim)
-        self.optimizer.adapt_gradients()
+        grads_finite = self.optimizer.adapt_gradients()
+        if not self.scaler.is_enabled() and not bool(grads_finite):
+            # fp16's scaler skips such a step itself and shrinks its scale; without it a NaN
+            # gradient with a finite loss (seen: bf16 convolutions on a CPU) would reach the weights
+            return self._skip(f"non-finite gradients in {self._nonfinite_gradients()} (the loss was finite)", lr, t0)
         self.scaler.step(self.optimizer.optim)
         self.scaler.update()
+        self.nonfinite_in_a_row = 0
         self._push_queues(out)
         self.iteration += 1
         entropy, in_use = code_statistics(terms.codes)
         return StepMetrics(loss=float(terms.total.detach()), loss_global=float(terms.global_.detach()),
-                           loss_local=float(terms.local.detach()), loss_l2g=float(terms.l2g.detach()), lr=lr,
+                           loss_local=_value(terms.local), loss_l2g=_value(terms.l2g), lr=lr,
                            code_entropy=entropy, prototypes_in_use=in_use, nonfinite=False,
                            step_seconds=time.perf_counter() - t0)
 
@@ -195,8 +196,14 @@ class GaelleStepper:
                 f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps = {limit}) at "
                 f"iteration {self.iteration}: {error or 'another worker saw a non-finite loss'}")
         nan = float("nan")
-        return StepMetrics(loss=nan, loss_global=nan, loss_local=nan, loss_l2g=nan, lr=lr, code_entropy=nan,
+        w_local, w_l2g = self.settings.weights[1:]
+        return StepMetrics(loss=nan, loss_global=nan, loss_local=nan if w_local else None,
+                           loss_l2g=nan if w_l2g else None, lr=lr, code_entropy=nan,
                            prototypes_in_use=nan, nonfinite=True, step_seconds=time.perf_counter() - t0)
+
+    def _nonfinite_gradients(self) -> str:
+        names = [n for n, p in self.model.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     @torch.no_grad()
     def _push_queues(self, out) -> None:
@@ -205,7 +212,7 @@ class GaelleStepper:
         if self.queue is not None:
             emb = out.embeddings.detach().reshape(st.n_crops, st.batch_size, -1)[assign]  # (A, B, d)
             self.queue.push(emb.float())
-        if self.local_queue is not None:
+        if self.local_queue is not None and out.local_embeddings is not None:
             loc = out.local_embeddings.detach().reshape(st.n_global, st.batch_size * st.n_slots, -1)[assign]  # (A, B*S, d)
             self.local_queue.push(loc.float())
 
