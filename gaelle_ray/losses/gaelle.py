@@ -53,12 +53,13 @@ class LossSettings:
 
 @dataclass
 class LossTerms:
-    """total, global, local, l2g: scalar tensors. codes: (A, B, K) global codes (no grad)."""
+    """total, global, local, l2g: scalar tensors; a term with weight 0 is not computed and is
+    None. codes: (A, B, K) global codes (no grad)."""
 
     total: torch.Tensor
     global_: torch.Tensor
-    local: torch.Tensor
-    l2g: torch.Tensor
+    local: torch.Tensor | None
+    l2g: torch.Tensor | None
     codes: torch.Tensor
 
 
@@ -153,28 +154,38 @@ def gaelle_losses(out, settings: LossSettings, *, slot_perms: torch.Tensor | Non
     slot_perms: (P, S) slot permutations of the local loss's pairs (see `local_loss`), or None.
     queue_scores: (A, L, K) / local_queue_scores: (A, L_l, K_l) scores of the queues' rows
     for the assigned crops, or None. group: process group for distributed Sinkhorn.
+    A term whose weight is 0 is skipped, with its Sinkhorn (the local codes) and its scores
+    (which the model then need not compute): SwAV-only costs what SwAV costs.
     Raises NonFiniteLossError naming the term when any term is not finite.
     """
     st = settings
     b, s = st.batch_size, st.n_slots
     assign = list(st.crops_for_assign)
-    scores = out.scores.reshape(st.n_crops, b, -1)  # (V, B, K)
-    local_scores = out.local_scores.reshape(st.n_global, b, s, -1)  # (Vg, B, S, K_l)
-    l2g_scores = out.l2g_scores.reshape(st.n_global, b, -1)  # (Vg, B, K)
-
-    codes = codes_with_queue(scores[assign], queue_scores, st.epsilon, st.sinkhorn_iterations, group)  # (A, B, K)
-    local_codes = codes_with_queue(local_scores[assign].reshape(len(assign), b * s, -1),  # (A, B*S, K_l)
-                                   local_queue_scores, st.epsilon, st.sinkhorn_iterations, group)
-
-    terms = {
-        "global": global_loss(scores, codes, assign, st.temperature),
-        "local": local_loss(local_scores, local_codes, assign, st.temperature, slot_perms),
-        "l2g": l2g_loss(l2g_scores, codes, st.temperature),
-    }
     w_g, w_l, w_t = st.weights
-    total = w_g * terms["global"] + w_l * terms["local"] + w_t * terms["l2g"]
+    scores = out.scores.reshape(st.n_crops, b, -1)  # (V, B, K)
+    codes = codes_with_queue(scores[assign], queue_scores, st.epsilon, st.sinkhorn_iterations, group)  # (A, B, K)
+
+    terms = {"global": global_loss(scores, codes, assign, st.temperature)}
+    total = w_g * terms["global"]
+    if w_l != 0:
+        local_scores = _branch(out.local_scores, "local_scores", "weight_local").reshape(st.n_global, b, s, -1)  # (Vg, B, S, K_l)
+        local_codes = codes_with_queue(local_scores[assign].reshape(len(assign), b * s, -1),  # (A, B*S, K_l)
+                                       local_queue_scores, st.epsilon, st.sinkhorn_iterations, group)
+        terms["local"] = local_loss(local_scores, local_codes, assign, st.temperature, slot_perms)
+        total = total + w_l * terms["local"]
+    if w_t != 0:
+        l2g_scores = _branch(out.l2g_scores, "l2g_scores", "weight_l2g").reshape(st.n_global, b, -1)  # (Vg, B, K)
+        terms["l2g"] = l2g_loss(l2g_scores, codes, st.temperature)
+        total = total + w_t * terms["l2g"]
     check_finite(total, terms, out)
-    return LossTerms(total, terms["global"], terms["local"], terms["l2g"], codes)
+    return LossTerms(total, terms["global"], terms.get("local"), terms.get("l2g"), codes)
+
+
+def _branch(scores: torch.Tensor | None, field: str, weight_key: str) -> torch.Tensor:
+    if scores is None:
+        raise ValueError(f"loss.{weight_key} is not 0 but the model did not compute {field}: build the model "
+                         "with that loss on (build_model(config) follows the config's loss weights)")
+    return scores
 
 
 def check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor], out) -> None:

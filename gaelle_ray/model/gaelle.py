@@ -79,13 +79,16 @@ class GaelleOutput:
     local_embeddings: (Vg*B*S, d) normalised local embeddings l (row = (v*B + b)*S + j).
     local_scores: (Vg*B*S, K_l) r = l Cl^T.
     l2g_scores: (Vg*B, K) t = normalize(mean_j l) E^T.
+    A branch the model does not compute (`GaelleModel.branches`) is None: local_embeddings
+    without the attention, local_scores without the local loss, l2g_scores without the
+    local-to-global loss.
     """
 
     embeddings: torch.Tensor
     scores: torch.Tensor
-    local_embeddings: torch.Tensor
-    local_scores: torch.Tensor
-    l2g_scores: torch.Tensor
+    local_embeddings: torch.Tensor | None
+    local_scores: torch.Tensor | None
+    l2g_scores: torch.Tensor | None
 
 
 class GaelleModel(nn.Module):
@@ -94,9 +97,13 @@ class GaelleModel(nn.Module):
     def __init__(self, arch: str = "resnet50", hidden_mlp: int = 2048, feat_dim: int = 128,
                  nmb_prototypes: int = 3000, nmb_local_prototypes: int = 3000,
                  nmb_groups_heads: int = 4, attention_temperature: float = 1.0,
-                 l2g_detach: bool = True, position_group=None):
+                 l2g_detach: bool = True, position_group=None, local_loss: bool = True, l2g_loss: bool = True):
         """position_group: the process group whose workers share the per-position BatchNorm
-        statistics of the attention head (None: this process alone)."""
+        statistics of the attention head (None: this process alone).
+        local_loss / l2g_loss: whether those losses are trained (a weight of 0 turns them
+        off): the forward computes only the branches they need, and the parameters of an
+        unused branch stay in the state dict but are frozen (requires_grad False, so DDP
+        and the optimiser leave them alone). Both off = SwAV: no attention at all."""
         super().__init__()
         if feat_dim % nmb_groups_heads:
             raise ValueError(f"feat_dim d = {feat_dim} is not divisible by nmb_groups_heads H = {nmb_groups_heads}")
@@ -116,6 +123,23 @@ class GaelleModel(nn.Module):
         self.attention_temperature = attention_temperature
         self.l2g_detach = l2g_detach
         self.position_group = position_group
+        self.branches = {"local": bool(local_loss), "l2g": bool(l2g_loss)}
+        # without the local loss, a detached l2g loss sends no gradient into the local branch
+        self.local_branch_trains = bool(local_loss) or not l2g_detach
+        unused = []
+        if not local_loss:
+            unused.append(self.local_prototypes)
+        if not l2g_loss:
+            unused.append(self.l2g_prototypes)
+        if not self.local_branch_trains:
+            unused.append(self.local_projection_head)
+        for module in unused:
+            module.requires_grad_(False)
+
+    @property
+    def attention_on(self) -> bool:
+        """Whether the forward runs the semantic attention (some loss uses local embeddings)."""
+        return self.branches["local"] or self.branches["l2g"]
 
     @property
     def num_features(self) -> int:
@@ -126,8 +150,8 @@ class GaelleModel(nn.Module):
 
         The first resolution holds the global crops. One backbone call per resolution.
         """
-        if not crops:
-            raise ValueError("GaelleModel.forward needs at least one crop resolution")
+        if not crops or not isinstance(crops, (list, tuple)):
+            raise ValueError("GaelleModel.forward needs a list of crop batches, one per resolution")
         fmap = feature_map(self.backbone, crops[0])  # (Vg*B, C, h, w)
         pooled = [fmap.mean(dim=(2, 3))]  # (Vg*B, C)
         for batch in crops[1:]:
@@ -137,14 +161,19 @@ class GaelleModel(nn.Module):
         e = F.normalize(self.projection_head(z), dim=1)  # (V*B, d)
         scores = self.prototypes(e)  # (V*B, K)
 
-        local = semantic_attention(fmap, self.projection_head, self.n_groups,
-                                   self.attention_temperature, self.position_group)  # (Vg*B*S, C)
-        l = F.normalize(self.local_projection_head(local), dim=1)  # (Vg*B*S, d)
-        local_scores = self.local_prototypes(l)  # (Vg*B*S, K_l)
+        if not self.attention_on:
+            return GaelleOutput(e, scores, None, None, None)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.local_branch_trains):
+            local = semantic_attention(fmap, self.projection_head, self.n_groups,
+                                       self.attention_temperature, self.position_group)  # (Vg*B*S, C)
+            l = F.normalize(self.local_projection_head(local), dim=1)  # (Vg*B*S, d)
+        local_scores = self.local_prototypes(l) if self.branches["local"] else None  # (Vg*B*S, K_l)
 
-        slots = (l.detach() if self.l2g_detach else l).reshape(-1, self.n_slots, self.feat_dim)  # (Vg*B, S, d)
-        mean_local = F.normalize(slots.mean(dim=1), dim=1)  # (Vg*B, d)
-        l2g_scores = self.l2g_prototypes(mean_local)  # (Vg*B, K)
+        l2g_scores = None
+        if self.branches["l2g"]:
+            slots = (l.detach() if self.l2g_detach else l).reshape(-1, self.n_slots, self.feat_dim)  # (Vg*B, S, d)
+            mean_local = F.normalize(slots.mean(dim=1), dim=1)  # (Vg*B, d)
+            l2g_scores = self.l2g_prototypes(mean_local)  # (Vg*B, K)
         return GaelleOutput(e, scores, l, local_scores, l2g_scores)
 
     @torch.no_grad()
@@ -156,9 +185,10 @@ class GaelleModel(nn.Module):
 
 def build_model(config, position_group=None) -> GaelleModel:
     """GaelleModel from a validated `gaelle_ray.config.Config`; position_group: the process
-    group of the training workers (None: one worker)."""
-    m = config.model
+    group of the training workers (None: one worker). A loss with weight 0 turns its branch off."""
+    m, loss = config.model, config.loss
     return GaelleModel(arch=m.arch, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim,
                        nmb_prototypes=m.nmb_prototypes, nmb_local_prototypes=m.nmb_local_prototypes,
                        nmb_groups_heads=m.nmb_groups_heads, attention_temperature=m.attention_temperature,
-                       l2g_detach=config.loss.l2g_detach, position_group=position_group)
+                       l2g_detach=loss.l2g_detach, position_group=position_group,
+                       local_loss=loss.weight_local != 0, l2g_loss=loss.weight_l2g != 0)
