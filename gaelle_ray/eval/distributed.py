@@ -49,6 +49,7 @@ from gaelle_ray.eval.probe import (
 )
 from gaelle_ray.model.backbone import build_backbone
 from gaelle_ray.model.weights import load_state_strict
+from gaelle_ray.precision import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def linear_probe_worker(cfg: dict) -> None:
     my_test = test_set.select(np.arange(rank, len(test_set), world))
     loaders = max(0, int(cfg["cpus_per_worker"]) - 1)  # JPEG decoding processes of this worker
     test_feats, test_labels, test_ids = extract_features(backbone, my_test, settings.batch_size, device,
-                                                         num_workers=loaders)
+                                                         num_workers=loaders, precision=settings.precision)
+    dtype = autocast_dtype(settings.precision, device)
 
     clf = make_classifier(backbone.num_features, train_set.num_classes,
                           torch.Generator().manual_seed(settings.seed)).to(device)
@@ -130,7 +132,7 @@ def linear_probe_worker(cfg: dict) -> None:
     def batches(epoch: int):
         rows = worker_rows(train_set.block_order(settings.seed, epoch), rank, world)
         for images, labels, _ in make_loader(train_set, local_batch, order=rows, num_workers=loaders):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(dtype, device):
                 feats = backbone(images.to(device, non_blocking=True)).float()  # (b, F)
             yield feats, labels.to(device)
 

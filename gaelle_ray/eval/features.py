@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from gaelle_ray import storage
 from gaelle_ray.config import MEAN, STD
 from gaelle_ray.data.shards import list_shards, read_manifest
+from gaelle_ray.precision import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +265,12 @@ def state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def feature_cache_key(backbone: nn.Module, dataset: ShardImages) -> str:
-    """Digest of (backbone weights, shards + split + rows, transform)."""
+def feature_cache_key(backbone: nn.Module, dataset: ShardImages, precision: str = "fp32") -> str:
+    """Digest of (backbone weights, shards + split + rows, transform, precision)."""
     key = {"version": CACHE_VERSION, "backbone": state_digest(backbone), "data": dataset.fingerprint(),
            "transform": dataset.transform.key() if dataset.transform else None}
+    if precision != "fp32":  # fp32 keys as before, so existing caches stay valid
+        key["precision"] = precision
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -300,13 +303,15 @@ def make_loader(dataset: Dataset, batch_size: int, *, order: Sequence[int] | Non
 
 @torch.no_grad()
 def _run_backbone(backbone: nn.Module, dataset: ShardImages, batch_size: int, device: torch.device,
-                  num_workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  num_workers: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = autocast_dtype(precision, device)
     was_training = backbone.training
     backbone.eval()
     feats, labels, ids = [], [], []
     try:
         for images, lab, idx in make_loader(dataset, batch_size, num_workers=num_workers):
-            out = backbone(images.to(device, non_blocking=True))  # (B, F)
+            with autocast(dtype, device):
+                out = backbone(images.to(device, non_blocking=True))  # (B, F)
             feats.append(out.float().cpu())
             labels.append(lab)
             ids.append(idx)
@@ -320,19 +325,20 @@ def _run_backbone(backbone: nn.Module, dataset: ShardImages, batch_size: int, de
 
 def extract_features(backbone: nn.Module, dataset: ShardImages, batch_size: int,
                      device: str | torch.device = "cpu", *, cache_dir: str | os.PathLike | None = None,
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     num_workers: int = 0, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled features of the frozen backbone over `dataset`, in dataset order.
 
     backbone: module mapping (B, 3, S, S) -> (B, F); run in eval mode without gradient (its
     train/eval mode is restored afterwards). dataset: a ShardImages, normally with the eval
     transform (centre crops). cache_dir: folder for the on-disk cache (None = no cache).
+    precision: the forward's autocast (gaelle_ray.precision); the features are float32 either way.
 
     Returns (features (N, F) float32 on CPU, labels (N, C) uint8, ids (N,) int64).
     """
     device = torch.device(device)
     path = None
     if cache_dir is not None:
-        key = feature_cache_key(backbone, dataset)
+        key = feature_cache_key(backbone, dataset, precision)
         path = Path(cache_dir) / f"features-{dataset.split}-{key[:24]}.pt"
         if path.is_file():
             try:
@@ -345,7 +351,7 @@ def extract_features(backbone: nn.Module, dataset: ShardImages, batch_size: int,
             except Exception as exc:  # a damaged cache file is recomputed, never trusted
                 log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
     t0 = time.perf_counter()
-    feats, labels, ids = _run_backbone(backbone, dataset, batch_size, device, num_workers)
+    feats, labels, ids = _run_backbone(backbone, dataset, batch_size, device, num_workers, precision)
     log.info("features of %d %s images in %.1fs", len(ids), dataset.split, time.perf_counter() - t0)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ from gaelle_ray.eval.probe import (
     make_classifier, probe_datasets,
 )
 from gaelle_ray.eval.report import log_eval_run, log_on_pretraining_run
+from gaelle_ray.precision import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,15 @@ def linear_probe(backbone: nn.Module, train_set: ShardImages, test_set: ShardIma
     gen = torch.Generator().manual_seed(settings.seed)
     clf = make_classifier(backbone.num_features, train_set.num_classes, gen).to(device)
     test_feats, test_labels, _ = extract_features(backbone, test_set, settings.batch_size, device,
-                                                  cache_dir=cache_dir, num_workers=loader_workers)
+                                                  cache_dir=cache_dir, num_workers=loader_workers,
+                                                  precision=settings.precision)
+    dtype = autocast_dtype(settings.precision, device)
     steps = epoch_steps(len(train_set), settings.batch_size)
 
     def batches(epoch: int):
         order = train_set.block_order(settings.seed, epoch)
         for images, labels, _ in make_loader(train_set, settings.batch_size, order=order, num_workers=loader_workers):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(dtype, device):
                 feats = backbone(images.to(device, non_blocking=True)).float()  # (B, F)
             yield feats, labels.to(device)
 
@@ -113,9 +116,11 @@ def fast_linear_probe(backbone: nn.Module, train_set: ShardImages, test_set: Sha
     backbone = freeze(backbone, device)
     centre = EvalTransform(False, settings.image_size, settings.resize_size)
     train_feats, train_labels, _ = extract_features(backbone, train_set.with_transform(centre), settings.batch_size,
-                                                    device, cache_dir=cache_dir, num_workers=loader_workers)
+                                                    device, cache_dir=cache_dir, num_workers=loader_workers,
+                                                    precision=settings.precision)
     test_feats, test_labels, _ = extract_features(backbone, test_set.with_transform(centre), settings.batch_size,
-                                                  device, cache_dir=cache_dir, num_workers=loader_workers)
+                                                  device, cache_dir=cache_dir, num_workers=loader_workers,
+                                                  precision=settings.precision)
     return fit_linear_on_features(train_feats, train_labels, test_feats, test_labels, settings,
                                   train_set.class_names, device=device)
 

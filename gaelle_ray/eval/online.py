@@ -36,6 +36,7 @@ from torch import nn
 from gaelle_ray.eval.features import EvalTransform, ShardImages, make_loader
 from gaelle_ray.eval.metrics import mean_average_precision
 from gaelle_ray.eval.probe import ProbeSettings
+from gaelle_ray.precision import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class OnlineProbe:
     def _features(self, backbone: nn.Module, device: torch.device) -> list[torch.Tensor]:
         """Pooled features (n_i, F) of this worker's rows of each set, float32 on the CPU."""
         s = self.settings
+        dtype = autocast_dtype(s.probe.precision, device)
         decoded = self._decoded()
         feats = []
         for i, ds in enumerate(self.mine):
@@ -166,7 +168,8 @@ class OnlineProbe:
             else:
                 chunks = (x for x, _, _ in make_loader(ds, s.batch_size))
             for x in chunks:
-                out.append(backbone(x.to(device, dtype=torch.float32, non_blocking=True)).float().cpu())  # (b, F)
+                with autocast(dtype, device):
+                    out.append(backbone(x.to(device, dtype=torch.float32, non_blocking=True)).float().cpu())  # (b, F)
             feats.append(torch.cat(out) if out else torch.zeros(0, backbone.num_features))
         return feats
 

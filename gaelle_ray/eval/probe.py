@@ -53,13 +53,14 @@ class ProbeSettings:
     resize_size: int = 256
     seed: int = 0
     eval_every: int = 1  # test mAP every k epochs (and always after the last)
+    precision: str = "fp32"  # of the frozen backbone's forward (eval.precision): fp32 | bf16 | fp16
 
     @classmethod
     def from_config(cls, config, **overrides: Any) -> "ProbeSettings":
         ev = config.eval
         base = cls(epochs=ev.epochs, batch_size=ev.batch_size, lr=ev.lr, momentum=ev.momentum,
                    weight_decay=ev.weight_decay, grad_clip=ev.grad_clip, image_size=ev.image_size,
-                   resize_size=ev.resize_size, seed=config.train.seed)
+                   resize_size=ev.resize_size, seed=config.train.seed, precision=ev.precision)
         return replace(base, **overrides)
 
     def __post_init__(self) -> None:
@@ -163,16 +164,26 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def sgd_step(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], loss: torch.Tensor, grad_clip: float,
-             where: str) -> None:
+             where: str, scaler: torch.amp.GradScaler | None = None) -> None:
     """One optimiser step on `loss` (a scalar), gradient norm clipped at grad_clip (0 = off);
-    a non-finite loss is a FloatingPointError naming `where`."""
+    a non-finite loss is a FloatingPointError naming `where`. scaler: an fp16 GradScaler
+    (gradients scaled, unscaled before clipping; a step with overflowing gradients is
+    skipped and the scale shrinks), or None."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} at {where}")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None or not scaler.is_enabled():
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:

@@ -37,6 +37,7 @@ from gaelle_ray.eval.probe import (
     EpochMaps, ProbeResult, check_classes, classifier_scores, make_classifier, masked_bce, sgd_step,
 )
 from gaelle_ray.eval.report import log_eval_run
+from gaelle_ray.precision import autocast, autocast_dtype, grad_scaler
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class SemisupSettings:
     image_size: int = 224
     resize_size: int = 256
     seed: int = 0  # the label subset and the run's randomness
+    precision: str = "fp32"  # autocast of the fine-tuning and test forwards (eval.precision); fp16 with a GradScaler
 
     def __post_init__(self) -> None:
         if not 0 < self.percent <= 100:
@@ -117,6 +119,8 @@ def _fit(model: nn.Module, backbone: nn.Module, clf: nn.Module, opt: torch.optim
     t0 = time.perf_counter()
     history: list[dict[str, float]] = []
     maps = EpochMaps(train_set.class_names)
+    dtype = autocast_dtype(settings.precision, device)
+    scaler = grad_scaler(dtype, device)
     for epoch in range(settings.epochs):
         for g in opt.param_groups:
             g["lr"] = _step_lr(g["base"], epoch, settings.milestones, settings.gamma)
@@ -124,14 +128,15 @@ def _fit(model: nn.Module, backbone: nn.Module, clf: nn.Module, opt: torch.optim
         loss_sum, n = 0.0, 0
         order = train_set.block_order(settings.seed, epoch)
         for images, labels, _ in make_loader(train_set, settings.batch_size, order=order, num_workers=loader_workers):
-            logits = model(images.to(device, non_blocking=True))  # (B, C)
-            loss = masked_bce(logits, labels.to(device))
-            sgd_step(opt, params, loss, settings.grad_clip, f"semisup epoch {epoch}")
+            with autocast(dtype, device):
+                logits = model(images.to(device, non_blocking=True))  # (B, C)
+            loss = masked_bce(logits.float(), labels.to(device))
+            sgd_step(opt, params, loss, settings.grad_clip, f"semisup epoch {epoch}", scaler)
             loss_sum += float(loss.detach())
             n += 1
         model.eval()
         feats, targets, _ = extract_features(backbone, test_set, settings.batch_size, device,
-                                             num_workers=loader_workers)
+                                             num_workers=loader_workers, precision=settings.precision)
         m = maps.add(epoch, classifier_scores(clf, feats), targets)
         history.append({"epoch": epoch, "train_loss": loss_sum / max(n, 1), "test_map": m,
                         "lr_backbone": opt.param_groups[0]["lr"], "lr_classifier": opt.param_groups[1]["lr"]})
@@ -177,7 +182,7 @@ def run_semisup(checkpoint: str, percent: float, data_uri: str | None, config, *
     settings = SemisupSettings(percent=percent, epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone,
                                lr_classifier=lr_classifier, milestones=tuple(milestones), gamma=gamma,
                                momentum=ev.momentum, weight_decay=ev.weight_decay, image_size=ev.image_size,
-                               resize_size=ev.resize_size, seed=seed)
+                               resize_size=ev.resize_size, seed=seed, precision=ev.precision)
     if checkpoint == "random":
         torch.manual_seed(config.train.seed)
     backbone, info = load_backbone_info(checkpoint, config.model.arch if checkpoint == "random" else None)
