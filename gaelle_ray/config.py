@@ -240,7 +240,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = True
     precision: str = "bf16"  # bf16 | fp16 (with a GradScaler) | fp32: autocast on CPU and CUDA alike
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward (wrapped in DDP with several workers)
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": graphs without code generation)
     channels_last: bool = True
     seed: int = 31
     run_dir: str = "runs/gaelle"  # local path or URI for checkpoints and the default MLflow store
@@ -606,6 +607,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     positive("train", "max_failures", "collapse_window_epochs", allow_zero=True)
     if train.precision not in PRECISIONS:
         fail("train.precision", f"must be one of {', '.join(PRECISIONS)}, got {train.precision!r}")
+    if not train.compile_backend:
+        fail("train.compile_backend", "must name a torch.compile backend (e.g. inductor)")
     if config.eval.precision not in PRECISIONS:
         fail("eval.precision", f"must be one of {', '.join(PRECISIONS)}, got {config.eval.precision!r}")
     if train.collapse_action not in COLLAPSE_ACTIONS:

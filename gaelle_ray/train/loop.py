@@ -98,7 +98,7 @@ def build_training_model(config: Config, device: torch.device, world: int):
     if world > 1:
         forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.train.compile:
-        forward_model = torch.compile(forward_model)
+        forward_model = torch.compile(forward_model, backend=config.train.compile_backend)
     return model, forward_model, group
 
 

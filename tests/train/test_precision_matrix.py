@@ -12,23 +12,30 @@ For every case:
   loss, and every worker's gradient (same tolerances);
 - a checkpoint round trip (state_dict -> fresh stepper) restores the GradScaler's state.
 
-Tolerances (loss, gradient), with what this model measured (ResNet-18, 32/24 px crops,
-d = 16; 2026-11-30, all 24 cases): fp32 (1e-5, 1e-2): 1.8e-6 and 2.5e-3 (channels-last
-and compiled kernels sum in another order); bf16 (3e-2, 0.75): 1.4e-2 and 0.50 against
-fp32, 0.41 between 1 and 2 workers; fp16 (3e-3, 0.3): 1.0e-3 and 0.17. The gradient
-tolerances are wide because at initialisation the codes are near uniform, so the score
-gradients (p - q) / tau are small differences that bfloat16's 8-bit mantissa perturbs
-by tens of percent; they still catch a missing all-reduce, a gradient summed instead of
-averaged (relative error 1) or a skipped step.
+Tolerances (any loss term, gradient), with the worst this model measured (ResNet-18,
+32/24 px crops, d = 16; 2026-11-30, all 24 cases): fp32 (1e-5, 1e-2): 1.8e-6 and 2.5e-3
+(channels-last and compiled kernels sum in another order); bf16 (6e-2, 0.75): 3.8e-2 (the
+local term; its Sinkhorn at eps 0.03 sharpens the rounding of the local scores) and 0.50
+against fp32, 0.41 between 1 and 2 workers; fp16 (6e-3, 0.3): 3.3e-3 and 0.17. The
+gradient tolerances are wide because at initialisation the codes are near uniform, so the
+score gradients (p - q) / tau are small differences that bfloat16's 8-bit mantissa
+perturbs by tens of percent; they still catch a missing all-reduce, a gradient summed
+instead of averaged (relative error 1) or a skipped step.
 
 fp16 starts its GradScaler at 2^8 here: the default 2^16 overflows on this model's first
 step, which is then (correctly) skipped (tests/train/test_precision_step.py tests that).
 
-The fast suite runs the eager cases (12); the compiled ones (inductor compiles each case
-cold, ~30-60 s each on 2 cores) run in the slow test with the whole matrix.
+The fast suite runs the eager cases (12); the slow tests run the compiled ones against
+the same fp32 eager reference: together, the whole matrix. The compiled cases use the
+`aot_eager` backend (train.compile_backend): Dynamo's graph capture of the model, its
+graph breaks, AOTAutograd's forward/backward graphs and DDP's graph split at its buckets,
+all of what torch.compile does to this code except generating kernels. Inductor's kernels
+differ by device anyway (C++ here, Triton on a GPU) and compile cold at ~60-75 s per case
+on 2 cores (all 12 cases: 15 min, measured 2026-11-30), so inductor runs for the GPU
+configs' case alone (bf16, channels-last, 2 workers); benchmarks/gpu_acceptance.py
+compiles with inductor on the GPU.
 """
 
-import itertools
 import os
 import socket
 
@@ -45,13 +52,15 @@ from gaelle_ray.train.step import GaelleStepper
 ROOT = Path(__file__).resolve().parents[2]
 B = 4  # images per worker with 2 workers; 1 worker gets 2B
 # (loss relative tolerance, update relative tolerance) against fp32 and between 1 and 2 workers
-TOL = {"fp32": (1e-5, 1e-2), "bf16": (3e-2, 0.75), "fp16": (3e-3, 0.3)}
+TOL = {"fp32": (1e-5, 1e-2), "bf16": (6e-2, 0.75), "fp16": (6e-3, 0.3)}
 
 EAGER = [(p, cl, False) for p in ("fp32", "bf16", "fp16") for cl in (False, True)]
-COMPILED = [(p, cl, True) for p in ("fp32", "bf16", "fp16") for cl in (False, True)]
+COMPILED = [(p, cl, "aot_eager") for p in ("fp32", "bf16", "fp16") for cl in (False, True)]
+INDUCTOR = [("bf16", True, "inductor")]  # the GPU configs' choice, with inductor's generated code
 
 
-def _config(precision: str, channels_last: bool, compile_: bool, batch: int):
+def _config(precision: str, channels_last: bool, compile_, batch: int):
+    """compile_: False, or the torch.compile backend."""
     sets = {"augmentation.size_crops": "[32, 24]", "augmentation.nmb_crops": "[2, 2]",
             "augmentation.min_scale_crops": "[0.4, 0.1]", "augmentation.max_scale_crops": "[1.0, 0.4]",
             "augmentation.colour_on_device": "false",  # the crops come coloured: same pixels on every worker
@@ -59,7 +68,7 @@ def _config(precision: str, channels_last: bool, compile_: bool, batch: int):
             "model.nmb_local_prototypes": 8, "train.batch_size_per_worker": batch, "queue.queue_length": 0,
             "optim.freeze_prototypes_niters": 0, "optim.warmup_epochs": 0, "optim.base_lr": 0.5,
             "train.epochs": 1, "train.precision": precision, "train.channels_last": str(channels_last).lower(),
-            "train.compile": str(compile_).lower()}
+            "train.compile": str(bool(compile_)).lower(), "train.compile_backend": compile_ or "inductor"}
     return load_config(ROOT / "experiments" / "cpu_demo.yaml", [f"{k}={v}" for k, v in sets.items()])
 
 
@@ -107,7 +116,7 @@ def run_case(precision: str, channels_last: bool, compile_: bool, world: int, ra
     fresh.load_state_dict(stepper.state_dict())
     return {"terms": [m.loss, m.loss_global, m.loss_local, m.loss_l2g], "grad": grads[0], "moved": (after != before)[grads[0] != 0],
             "scaler": stepper.scaler.state_dict(), "scaler_restored": fresh.scaler.state_dict(),
-            "amp_dtype": str(stepper.amp_dtype)}
+            "amp_dtype": str(stepper.amp_dtype), "compiled": hasattr(forward_model, "_orig_mod")}
 
 
 def _free_port() -> int:
@@ -149,7 +158,7 @@ def _check(cases, reference, one, two) -> list[str]:
         precision = case[0]
         loss_tol, grad_tol = TOL[precision]
         r1, r2 = one[0][case], [two[r][case] for r in range(2)]
-        name = f"{precision} channels_last={case[1]} compile={case[2]}"
+        name = f"{precision} channels_last={case[1]} compile={case[2] or 'off'}"
         for label, res in (("1 worker", r1), ("2 workers rank 0", r2[0]), ("2 workers rank 1", r2[1])):
             if not all(torch.isfinite(torch.tensor(res["terms"]))):
                 broken.append(f"{name} {label}: non-finite loss terms {res['terms']}")
@@ -180,12 +189,13 @@ def _matrix(cases, tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     ref_case = ("fp32", False, False)
-    one = _run(sorted(set(cases) | {ref_case}), 1, tmp_path / "one")
+    one = _run(list(dict.fromkeys([ref_case, *cases])), 1, tmp_path / "one")
     two = _run(cases, 2, tmp_path / "two")
     reference = one[0][ref_case]
     for case in cases:  # autocast really ran in the case's dtype
         want = {"fp32": "None", "bf16": "torch.bfloat16", "fp16": "torch.float16"}[case[0]]
         assert one[0][case]["amp_dtype"] == want
+        assert one[0][case]["compiled"] == bool(case[2]) and two[0][case]["compiled"] == bool(case[2])
     broken = _check(cases, reference, one, two)
     assert not broken, "\n".join(broken)
     return one, two
@@ -196,5 +206,20 @@ def test_eager_cases_one_and_two_workers(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_matrix_with_compile(tmp_path):
-    _matrix(EAGER + COMPILED, tmp_path)
+def test_compiled_cases_one_and_two_workers(tmp_path):
+    _matrix(COMPILED, tmp_path)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_bf16_channels_last_two_workers(tmp_path):
+    """Inductor's kernels with DDP on 2 gloo workers, against the eager 1-worker step of the
+    same case (the 1-worker inductor compile would add ~100 s cold for little)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    ref_case, eager = ("fp32", False, False), INDUCTOR[0][:2] + (False,)
+    one = _run([ref_case, eager], 1, tmp_path / "one")
+    two = _run(INDUCTOR, 2, tmp_path / "two")
+    assert all(two[r][INDUCTOR[0]]["compiled"] for r in range(2))
+    one[0][INDUCTOR[0]] = one[0][eager]  # the 1-worker side of the comparison: eager
+    broken = _check(INDUCTOR, one[0][ref_case], one, two)
+    assert not broken, "\n".join(broken)
