@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from gaelle_ray.eval.features import EvalTransform, ShardImages, extract_features, feature_cache_key
