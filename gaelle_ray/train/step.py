@@ -32,7 +32,8 @@ from gaelle_ray.train.optim import build_optimizer, drop_prototype_gradients, le
 
 
 class TooManyNonFiniteSteps(RuntimeError):
-    """Raised after train.max_nonfinite_steps non-finite losses in a row."""
+    """Raised after train.max_nonfinite_steps non-finite steps in a row (a non-finite loss, or
+    non-finite gradients behind a finite one; an fp16 overflow the GradScaler handles does not count)."""
 
 
 def code_statistics(codes: torch.Tensor) -> tuple[float, float]:
