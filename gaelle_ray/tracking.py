@@ -88,12 +88,19 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # the UI's "machine learning" kind (the other: genai_development)
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
               tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
     """Create a run with its params and tags; returns the run id."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    if exp is None or EXPERIMENT_KIND not in exp.tags:  # a kind someone set by hand is kept
+        # MLflow 3's UI opens an experiment without this tag on its GenAI traces page
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
     all_tags = dict(tags)
     if run_name:
         all_tags["mlflow.runName"] = run_name

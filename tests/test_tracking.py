@@ -62,3 +62,21 @@ def test_params_go_in_batches(tmp_path):
     tracking.log_params(uri, run_id, c.flat(), batch=10)
     from mlflow.tracking import MlflowClient
     assert MlflowClient(uri).get_run(run_id).data.params == {k: str(v) for k, v in c.flat().items()}
+
+
+def test_experiments_are_marked_as_model_training_unless_someone_chose(tmp_path):
+    """MLflow 3's UI opens an experiment without `mlflow.experimentKind` on its GenAI traces
+    page; every experiment we create or use says it holds model training runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = tracking.start_run(uri, "fresh", "r", {}, {})
+    exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("made-before")  # e.g. by an older version of this package
+    tracking.start_run(uri, "made-before", "r", {}, {})
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.start_run(uri, "chosen", "r", {}, {})
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
