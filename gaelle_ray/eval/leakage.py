@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from gaelle_ray import storage
 from gaelle_ray.data.shards import list_shards, read_manifest
-from gaelle_ray.eval.checkpoints import pretraining_data_of
+from gaelle_ray.eval.checkpoints import RANDOM, pretraining_data_of
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,10 @@ def check_overlap(pretrain_shards_uri: str, eval_shards_uri: str, eval_split: st
 def leakage_guard(checkpoint: str, data_uri: str, test_split: str, allow_overlap: bool,
                   cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run check_overlap against the checkpoint's pretraining data when the checkpoint
-    records it. Returns tags: {"leakage_check": "clean" | "overlap" | "unknown",
-    "leakage_overlap": n}."""
+    records it. Returns tags: {"leakage_check": "clean" | "overlap" | "unknown" | "random init",
+    "leakage_overlap": n}. A random backbone saw no data: nothing to check, nothing to say."""
+    if checkpoint == RANDOM:
+        return {"leakage_check": "random init", "leakage_overlap": 0}
     pre = pretraining_data_of(checkpoint)
     if pre is None:
         log.warning("leakage check skipped: %s does not record its pretraining data (not a gaelle checkpoint "

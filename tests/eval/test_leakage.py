@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gaelle_ray.eval.leakage import check_overlap, overlap_report
+from gaelle_ray.eval.leakage import check_overlap, leakage_guard, overlap_report
 
 
 def _relabelled_copy(src, dst, id_offset, dataset_name, extra_byte=False):
@@ -48,3 +48,10 @@ def test_leakage_guard(toy_shards, tmp_path):
     recoded = _relabelled_copy(Path(toy_shards), tmp_path / "recoded", 0, "toy2017", extra_byte=True)
     r = overlap_report(str(recoded), toy_shards, "val", ["val"])
     assert (r["overlap"], r["by_id"], r["by_content"], r["ids_compared"]) == (16, 16, 0, True)
+
+
+def test_random_backbone_needs_no_leakage_check_and_gets_no_notice(toy_shards, caplog):
+    with caplog.at_level("INFO", logger="gaelle_ray.eval.leakage"):
+        tags = leakage_guard("random", toy_shards, "val", False)
+    assert tags == {"leakage_check": "random init", "leakage_overlap": 0}
+    assert not caplog.records  # a random backbone saw no data: no "check skipped" warning

@@ -46,6 +46,6 @@ def test_run_semisup_entry_point(toy_shards, make_config):
     b = run_semisup("random", 25, None, config, epochs=1, batch_size=4, track=False)
     assert a["subset_size"] == 8 and a["subset_ids_sha1"] == b["subset_ids_sha1"]
     assert a["map_final"] == pytest.approx(b["map_final"])  # seeded: same run twice
-    assert a["mode"] == "semisup" and a["percent"] == 25 and a["leakage_check"] == "unknown"
+    assert a["mode"] == "semisup" and a["percent"] == 25 and a["leakage_check"] == "random init"
     c = run_semisup("random", 25, None, config, epochs=1, batch_size=4, seed=1, track=False)
     assert c["subset_ids_sha1"] != a["subset_ids_sha1"]
