@@ -91,7 +91,7 @@ def _rows(crops, rank: int, world: int):
     return out
 
 
-def run_case(precision: str, channels_last: bool, compile_: bool, world: int, rank: int) -> dict:
+def run_case(precision: str, channels_last: bool, compile_: str | bool, world: int, rank: int) -> dict:
     """One step of the case on this process (world 2: inside an initialised gloo group)."""
     config = _config(precision, channels_last, compile_, 2 * B // world)
     torch.manual_seed(0)  # the same initial weights in every case and on every worker
@@ -114,7 +114,8 @@ def run_case(precision: str, channels_last: bool, compile_: bool, world: int, ra
     after = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     fresh = GaelleStepper(model, config, torch.device("cpu"), group, world, rank, 1, forward_model)
     fresh.load_state_dict(stepper.state_dict())
-    return {"terms": [m.loss, m.loss_global, m.loss_local, m.loss_l2g], "grad": grads[0], "moved": (after != before)[grads[0] != 0],
+    return {"terms": [m.loss, m.loss_global, m.loss_local, m.loss_l2g], "grad": grads[0],
+            "moved": (after != before)[grads[0] != 0],  # of the weights with a gradient
             "scaler": stepper.scaler.state_dict(), "scaler_restored": fresh.scaler.state_dict(),
             "amp_dtype": str(stepper.amp_dtype), "compiled": hasattr(forward_model, "_orig_mod")}
 
@@ -138,12 +139,12 @@ def _worker(rank: int, port: int, cases, world: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"world{world}-rank{rank}.pt"))
 
 
-def _run(cases, world: int, tmp_path) -> dict:
-    """Every case in one fresh process per worker (spawned: no state shared with pytest)."""
-    mp.start_processes(_worker, args=(_free_port(), cases, world, str(tmp_path), ), nprocs=world,
+def _run(cases, world: int, tmp_path) -> list[dict]:
+    """Every case in one fresh process per worker (spawned: no state shared with pytest);
+    per rank, {case: run_case's result}."""
+    mp.start_processes(_worker, args=(_free_port(), cases, world, str(tmp_path)), nprocs=world,
                        start_method="spawn")
-    ranks = [torch.load(tmp_path / f"world{world}-rank{r}.pt", weights_only=False) for r in range(world)]
-    return ranks
+    return [torch.load(tmp_path / f"world{world}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
