@@ -32,7 +32,7 @@ def test_distributed_probe_gathers_scores_once(toy_shards, tmp_path, ray_local, 
                               num_workers=2, track=False)
     assert trained["mode"] == "full" and trained["num_workers"] == 2 and trained["batch_per_worker"] == 4
     assert len(trained["history"]) == 2 and trained["map_best"] >= trained["map_final"]
-    assert trained["leakage_check"] == "unknown" and trained["num_test"] == 16
+    assert trained["leakage_check"] == "random init" and trained["num_test"] == 16
     with pytest.raises(ValueError, match="divisible"):
         linear_probe_distributed(backbone, "resnet18", toy_shards, "train", "val",
                                  ProbeSettings(batch_size=7), num_workers=2)
