@@ -108,6 +108,19 @@ def _show_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_released(args: argparse.Namespace) -> int:
+    from gaelle_ray.model.released import import_released
+
+    result = import_released(args.file, args.heads, args.out, arch=args.arch)
+    folder, model = result["folder"], result["config"].model
+    print(f"checkpoint folder written: {folder} ({model.arch}, H = {model.nmb_groups_heads}, "
+          f"d = {model.feat_dim}, K = {model.nmb_prototypes}, K_l = {model.nmb_local_prototypes}, "
+          f"epoch {result['epoch'] if result['epoch'] is not None else '?'})")
+    print(f"next: gaelle linear-eval --checkpoint {folder} --dataset coco --data SHARDS   "
+          f"(also semisup, show-attention, or --set train.init_from={folder} for pretraining)")
+    return 0
+
+
 PROTOCOL = {"coco": {"eval.batch_size": 128, "eval.lr": 0.1}, "voc": {"eval.batch_size": 32, "eval.lr": 0.03}}
 
 
@@ -115,8 +128,9 @@ def _eval_config(args: argparse.Namespace):
     """The config an evaluation runs with: --config, else the checkpoint's own (meta.json),
     else the defaults; switching data set applies that data set's protocol batch size and lr."""
     from gaelle_ray.config import Config
-    from gaelle_ray.eval.checkpoints import read_meta
+    from gaelle_ray.eval.checkpoints import read_meta, resolve_checkpoint
 
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a run folder: its newest checkpoint
     if args.config:
         config = load_config(args.config)
     else:
@@ -210,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("semisup", "fine-tune with 1%% or 10%% of the labels")):
         ev = sub.add_parser(name, help=helptext)
         ev.add_argument("--checkpoint", required=True,
-                        help="checkpoint folder, exported torchvision .pth, released GAELLE/SwAV .pth, or 'random'")
+                        help="checkpoint folder (epoch_NNNNN), run folder (its newest epoch), exported torchvision .pth, "
+                             "released GAELLE/SwAV .pth, or 'random'")
         ev.add_argument("--dataset", choices=["coco", "voc", "toy"], help="evaluation data set (default eval.dataset)")
         ev.add_argument("--data", help="evaluation shards URI (default eval.data)")
         ev.add_argument("--config", help="config for the eval settings (default: the checkpoint's own)")
@@ -236,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--arch", help="backbone (released checkpoints only; ours record it)")
     att.add_argument("--image-size", type=int, default=224, help="short side resize + centre crop")
     att.set_defaults(handler=_show_attention)
+
+    imp = sub.add_parser("import-released", help="turn the authors' released .pth into a gaelle checkpoint folder")
+    imp.add_argument("file", help="the released checkpoint (.pth / .pth.tar; method.md section 9)")
+    imp.add_argument("--heads", type=int, required=True,
+                     help="head groups H (model.nmb_groups_heads): not in the weights; 4 in the published runs, "
+                          "8 is the released script's default; refused when the weights contradict it")
+    imp.add_argument("--out", required=True, help="checkpoint folder to write (new or empty)")
+    imp.add_argument("--arch", help="backbone (default: read from the weights; checked when given)")
+    imp.set_defaults(handler=_import_released)
 
     toy = sub.add_parser("make-toy", help="write the demo multi-object image set in COCO format")
     toy.add_argument("--out", required=True, help="output folder")

@@ -134,6 +134,11 @@ class AugmentationConfig:
                 _aug_fail("min_scale_crops", f"[{i}] = {lo} is larger than max_scale_crops[{i}] = {hi}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             _aug_fail("ratio", f"must be 0 < low <= high, got {list(self.ratio)}")
+        for i in range(1, len(self.size_crops)):
+            if self.size_crops[i] == self.size_crops[i - 1]:
+                _aug_fail("size_crops", f"[{i - 1}] and [{i}] are both {self.size_crops[i]} px: the crops of one "
+                          "size are one resolution (one tensor, one backbone call; GaelleModel.forward refuses "
+                          "two neighbouring tensors of one size); use one entry for them")
 
     def _check_colour(self) -> None:
         for name in ("jitter_p", "grayscale_p", "blur_p"):
@@ -253,6 +258,11 @@ class TrainConfig:
     collapse_window_epochs: int = 5
     collapse_action: str = "warn"  # warn | stop
     collapse_min_map_gain: float = 0.005  # online mAP this close to its baseline for the window: collapse
+    # start from these weights instead of a random init: a checkpoint folder (epoch_NNNNN), a run
+    # folder (its newest one), a folder `gaelle import-released` wrote, or a released .pth; the
+    # whole model loads strictly, with a new optimiser and schedule (epoch 0, iteration 0).
+    # Ignored when the run resumes from its own checkpoint. "" = random init.
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -388,7 +398,8 @@ def _plain(value: Any) -> Any:
 
 # config keys that hold a storage location: a relative local path in them means relative to
 # the directory the command was run from, and is made absolute once, on the driver
-PATH_KEYS = ("data.shards", "eval.data", "eval.online_data", "train.run_dir", "ray.storage_path")
+PATH_KEYS = ("data.shards", "eval.data", "eval.online_data", "train.run_dir", "ray.storage_path", "train.init_from")
+NULLABLE_KEYS = ("train.init_from",)  # YAML null (an empty `init_from:`) means ""
 
 
 def with_absolute_paths(config: Config, base: str | Path | None = None) -> Config:
@@ -496,6 +507,8 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], source: str)
     kwargs = {}
     for key, value in values.items():
         _check_known(str(key), fields, source, f"key in section {name!r}", prefix=f"{name}.")
+        if value is None and f"{name}.{key}" in NULLABLE_KEYS:
+            value = ""
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", source)
     try:
         return cls(**kwargs)
@@ -614,6 +627,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     if train.collapse_action not in COLLAPSE_ACTIONS:
         fail("train.collapse_action", f"must be one of {', '.join(COLLAPSE_ACTIONS)}, "
              f"got {train.collapse_action!r}")
+    if train.init_from != train.init_from.strip():
+        fail("train.init_from", f"has leading or trailing spaces: {train.init_from!r}")
     if optim.warmup_epochs > train.epochs:
         fail("optim.warmup_epochs", f"= {optim.warmup_epochs} is longer than train.epochs = {train.epochs}")
 

@@ -365,17 +365,18 @@ def load_model_for_attention(checkpoint: str | Path, arch: str | None = None,
     """(GaelleModel in eval mode, description) from a checkpoint.
 
     checkpoint: one of
-      - a gaelle checkpoint folder (epoch_NNNNN/ with state.pt and meta.json), or a run
-        folder holding some (the newest complete one is used): the model is rebuilt from the
-        config saved in meta.json;
+      - a gaelle checkpoint folder (epoch_NNNNN/ with state.pt and meta.json, or a folder
+        `gaelle import-released` wrote), or a run folder holding some (the newest complete
+        one is used): the model is rebuilt from the config saved in meta.json;
       - a `.pth` file of the authors' released script (method.md section 9): sizes are read
         from the weights, the backbone is `arch` (default resnet50) and the head groups
-        `nmb_groups_heads` (default 4, the headline run's).
+        `nmb_groups_heads` (default: what the file records, else 4, the headline run's;
+        refused when the weights contradict it, see weights.check_heads).
     arch / nmb_groups_heads: for a gaelle checkpoint, must agree with its config when given.
     """
     from gaelle_ray.config import Config
     from gaelle_ray.model import build_model
-    from gaelle_ray.model.weights import import_released_checkpoint, infer_model_sizes, load_state_strict
+    from gaelle_ray.model.weights import check_heads, import_released_checkpoint, infer_model_sizes, load_state_strict
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -398,7 +399,9 @@ def load_model_for_attention(checkpoint: str | Path, arch: str | None = None,
     elif path.is_file():
         released = import_released_checkpoint(path)
         sizes = infer_model_sizes(released["model"])
-        raw = {"model": {"arch": arch or "resnet50", "nmb_groups_heads": nmb_groups_heads or 4, **sizes}}
+        heads = nmb_groups_heads or released["recorded_heads"] or 4
+        check_heads(released["model"], heads, str(path), recorded=released["recorded_heads"])
+        raw = {"model": {"arch": arch or "resnet50", "nmb_groups_heads": heads, **sizes}}
         config = Config.from_dict(raw, source=str(path))
         model = build_model(config)
         load_state_strict(model, released["model"], str(path))

@@ -4,8 +4,9 @@
 `num_features`) whose every weight came from the checkpoint. Accepted:
 
 - "random": a randomly initialised backbone (baselines); `arch` is required.
-- a gaelle checkpoint folder (state.pt + meta.json, what `gaelle pretrain` writes, local or
-  a pyarrow URI); the arch comes from meta.json's config when not given.
+- a gaelle checkpoint folder (state.pt + meta.json, what `gaelle pretrain` and
+  `gaelle import-released` write, local or a pyarrow URI); the arch comes from meta.json's
+  config when not given.
 - a `.pth`/`.pt` file holding
   - a torchvision ResNet state dict (`conv1.weight`, ..., `fc.*`; `fc` is dropped), as
     `gaelle export` and the pretraining run's backbone artifact write it;
@@ -32,21 +33,13 @@ from torch import nn
 from gaelle_ray import storage
 from gaelle_ray.model.backbone import build_backbone
 from gaelle_ray.model.weights import (
-    backbone_state, load_state_strict, read_checkpoint_file, released_to_gaelle,
+    backbone_state, infer_arch, load_state_strict, read_checkpoint_file, released_to_gaelle,
 )
 
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
 
-# (blocks per stage, bottleneck) -> arch; wide_resnet50_2 is told apart by its width.
-_LAYOUTS = {
-    ((2, 2, 2, 2), False): "resnet18",
-    ((3, 4, 6, 3), False): "resnet34",
-    ((3, 4, 6, 3), True): "resnet50",
-    ((3, 4, 23, 3), True): "resnet101",
-    ((3, 8, 36, 3), True): "resnet152",
-}
 
 
 # ----------------------------------------------------------------------------- meta.json
@@ -75,24 +68,14 @@ def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
         return _meta_in(folder, checkpoint)
 
 
-# ----------------------------------------------------------------------------- arch
-
-
-def infer_arch(state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> str:
-    """The torchvision ResNet name implied by a backbone state dict (torchvision key names)."""
-    blocks = []
-    for stage in range(1, 5):
-        indices = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()}
-        blocks.append(max(indices) + 1 if indices else 0)
-    bottleneck = "layer1.0.conv3.weight" in state
-    arch = _LAYOUTS.get((tuple(blocks), bottleneck))
-    if arch is None:
-        sample = ", ".join(sorted(state)[:6])
-        raise ValueError(f"{source}: cannot tell the ResNet arch from the keys (blocks per stage {blocks}, "
-                         f"bottleneck {bottleneck}; first keys: {sample}); pass arch explicitly")
-    if arch == "resnet50" and state["layer1.0.conv1.weight"].shape[0] == 128:
-        arch = "wide_resnet50_2"
-    return arch
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
+    """What a user may name as a checkpoint, as the loaders take it: a local run folder (or
+    any folder holding epoch_NNNNN checkpoints) becomes its newest complete checkpoint;
+    'random', files, checkpoint folders and URIs are returned unchanged."""
+    checkpoint = os.fspath(checkpoint)
+    if checkpoint == RANDOM or storage.is_remote(checkpoint) or not os.path.isdir(checkpoint):
+        return checkpoint
+    return str(storage.find_checkpoint_folder(checkpoint))  # itself when it holds meta.json
 
 
 # ----------------------------------------------------------------------------- reading
@@ -182,9 +165,11 @@ def load_backbone(path_or_dir: str | os.PathLike, arch: str | None = None) -> nn
 def pretraining_data_of(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     """{"shards": URI, "split": name, "max_images": int} the checkpoint was pretrained on, from
     the `data` section of its meta.json config; None for checkpoints that do not say
-    (released files, torchvision exports, "random")."""
+    (released files, torchvision exports, "random", and folders `gaelle import-released`
+    wrote: their meta.json has an "imported" entry and a config whose data section is the
+    default, not what the weights were pretrained on)."""
     meta = read_meta(checkpoint)
-    if meta is None:
+    if meta is None or meta.get("imported"):
         return None
     data = (meta.get("config") or {}).get("data")
     if not data or not data.get("shards"):

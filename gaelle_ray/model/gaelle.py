@@ -70,6 +70,35 @@ def semantic_attention(fmap: torch.Tensor, head: ProjectionHead, n_groups: int,
     return pooled.transpose(1, 2).reshape(n * s, c)  # (N*S, C) row = n*S + j
 
 
+def check_crop_layout(crops) -> None:
+    """Refuse anything but GaelleModel.forward's layout: a list with one 4-d tensor
+    (n_r*B, 3, S_r, S_r) per resolution, no two neighbours of the same size.
+
+    The released script's forward takes one (B, 3, S, S) tensor per crop (a list of 8: two
+    224 px, six 96 px) and groups equal sizes itself. Given to this forward, that list would
+    run the attention on the first crop alone and fail much later in a loss. Two neighbouring
+    tensors of the same size can only be that layout: ours has the crops of one size in one
+    tensor (config.py refuses a size_crops list with two equal neighbours).
+    """
+    expected = ("one tensor per resolution, the crops of that resolution concatenated crop-major "
+                "(row = v*B + b), global crops first, e.g. [(2*B, 3, 224, 224), (6*B, 3, 96, 96)]")
+    if not isinstance(crops, (list, tuple)) or not crops:
+        raise ValueError(f"GaelleModel.forward needs a non-empty list of crop batches: {expected}")
+    for i, batch in enumerate(crops):
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != 3:
+            what = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(f"GaelleModel.forward: crops[{i}] is {what}, expected (n_r*B, 3, S, S); "
+                             f"the input is {expected}")
+    for i in range(1, len(crops)):
+        if crops[i].shape[-2:] == crops[i - 1].shape[-2:]:
+            size = "x".join(str(int(n)) for n in crops[i].shape[-2:])
+            raise ValueError(
+                f"GaelleModel.forward got {len(crops)} tensors and crops[{i - 1}] and crops[{i}] are both {size} px: "
+                "that is the released script's per-crop layout (one (B, 3, S, S) tensor per crop); this model "
+                f"expects {expected}: concatenate the crops of each size, e.g. "
+                "[torch.cat(crops[:2]), torch.cat(crops[2:])] for 2 global + 6 local crops")
+
+
 @dataclass
 class GaelleOutput:
     """What one forward pass gives the losses (rows crop-major: row = v * B + b).
@@ -149,9 +178,10 @@ class GaelleModel(nn.Module):
         """crops: one tensor per resolution, (n_r*B, 3, S_r, S_r), crop-major (row = v*B + b).
 
         The first resolution holds the global crops. One backbone call per resolution.
+        The released script's layout (one tensor per crop, section 9) is refused: see
+        `check_crop_layout`.
         """
-        if not crops or not isinstance(crops, (list, tuple)):
-            raise ValueError("GaelleModel.forward needs a list of crop batches, one per resolution")
+        check_crop_layout(crops)
         fmap = feature_map(self.backbone, crops[0])  # (Vg*B, C, h, w)
         pooled = [fmap.mean(dim=(2, 3))]  # (Vg*B, C)
         for batch in crops[1:]:

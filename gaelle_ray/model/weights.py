@@ -7,6 +7,7 @@ every load here is strict and a mismatch is a ValueError listing the keys.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,15 @@ from gaelle_ray.model.backbone import export_torchvision_state
 HEAD_PREFIXES = ("projection_head.", "local_projection_head.", "prototypes.", "local_prototypes.",
                  "l2g_prototypes.")
 _SHOW = 12  # keys listed per kind in an error message
+
+# (blocks per stage, bottleneck) -> arch; wide_resnet50_2 is told apart by its width.
+_LAYOUTS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
 
 
 def _key_list(keys: list[str]) -> str:
@@ -112,7 +122,22 @@ def import_released_checkpoint(path: str | Path) -> dict[str, Any]:
     state = raw.get("state_dict", raw)
     if not isinstance(state, Mapping) or not state:
         raise ValueError(f"{path}: no 'state_dict' mapping in the checkpoint (keys: {sorted(raw)[:10]})")
-    return {"model": released_to_gaelle(state, str(path)), "epoch": raw.get("epoch"), "source": str(path)}
+    return {"model": released_to_gaelle(state, str(path)), "epoch": raw.get("epoch"), "source": str(path),
+            "recorded_heads": recorded_heads(raw)}
+
+
+def recorded_heads(raw: Mapping[str, Any]) -> int | None:
+    """The head-group count a checkpoint file records next to its weights: the training
+    script's arguments (`args`, an argparse.Namespace or a dict) with `nmb_groups_heads`.
+    The released script's own files do not save them (method.md section 9): None then."""
+    args = raw.get("args") if isinstance(raw, Mapping) else None
+    value = args.get("nmb_groups_heads") if isinstance(args, Mapping) else getattr(args, "nmb_groups_heads", None)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def infer_model_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -125,6 +150,65 @@ def infer_model_sizes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     if "local_prototypes.weight" in state:
         sizes["nmb_local_prototypes"] = int(state["local_prototypes.weight"].shape[0])
     return sizes
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_heads(state: Mapping[str, torch.Tensor], heads: int, source: str = "<checkpoint>", *,
+                recorded: int | None = None, name: str = "nmb_groups_heads") -> None:
+    """Refuse a head-group count H that a GaelleModel state dict contradicts (ValueError
+    naming `source`, the value, `name` and the reason).
+
+    What the weights tell about H (method.md section 2): nothing exactly. H appears in no
+    parameter shape: the attention splits the d outputs of the global head into H groups of
+    S = d / H maps and the C feature-map channels into H groups of C / H, and the pooled
+    groups are concatenated back to C channels before the local head, so every shape is the
+    same for every H. The weights only bound it: H must divide d (`prototypes.weight` is
+    (K, d)) and C (`projection_head.0.weight` is (hidden, C)). For d = 128 and C = 2048
+    both 4 (the published runs) and 8 (the released script's default) pass, so the caller
+    must say which. A count the file records itself (`recorded`, from saved training
+    arguments; see `recorded_heads`) must be the same.
+    """
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{source}: {name} = {heads!r}: the number of head groups must be an integer >= 1")
+    if recorded is not None and recorded != heads:
+        raise ValueError(f"{source}: {name} = {heads} contradicts the checkpoint, whose saved training arguments "
+                         f"say nmb_groups_heads = {recorded}")
+    limits = []
+    if "prototypes.weight" in state:
+        limits.append(("feat_dim d", int(state["prototypes.weight"].shape[1]), "prototypes.weight",
+                       "the d attention maps are split into H groups of S = d / H"))
+    if "projection_head.0.weight" in state:
+        limits.append(("backbone width C", int(state["projection_head.0.weight"].shape[1]), "projection_head.0.weight",
+                       "the C feature-map channels are split into H groups of C / H"))
+    if not limits:
+        raise ValueError(f"{source}: no prototypes.weight or projection_head.0.weight: cannot check {name} "
+                         "against the weights (not a GAELLE checkpoint?)")
+    for what, size, key, why in limits:
+        if size % heads:
+            common = math.gcd(*(s for _, s, _, _ in limits))
+            raise ValueError(f"{source}: {name} = {heads} contradicts the weights: {what} = {size} (from {key}) is "
+                             f"not divisible by {heads} ({why}); possible values: "
+                             f"{', '.join(map(str, _divisors(common)))}")
+
+
+def infer_arch(state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> str:
+    """The torchvision ResNet name implied by a backbone state dict (torchvision key names)."""
+    blocks = []
+    for stage in range(1, 5):
+        indices = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()}
+        blocks.append(max(indices) + 1 if indices else 0)
+    bottleneck = "layer1.0.conv3.weight" in state
+    arch = _LAYOUTS.get((tuple(blocks), bottleneck))
+    if arch is None:
+        sample = ", ".join(sorted(state)[:6])
+        raise ValueError(f"{source}: cannot tell the ResNet arch from the keys (blocks per stage {blocks}, "
+                         f"bottleneck {bottleneck}; first keys: {sample}); pass arch explicitly")
+    if arch == "resnet50" and state["layer1.0.conv1.weight"].shape[0] == 128:
+        arch = "wide_resnet50_2"
+    return arch
 
 
 def backbone_state(state: Mapping[str, torch.Tensor], source: str = "<checkpoint>") -> dict[str, torch.Tensor]:

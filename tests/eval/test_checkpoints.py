@@ -8,7 +8,7 @@ import torchvision
 
 from gaelle_ray.eval.checkpoints import (
     infer_arch, load_backbone, load_backbone_info, pretraining_data_of, pretraining_manifest_of,
-    pretraining_run_id_of,
+    pretraining_run_id_of, resolve_checkpoint,
 )
 from gaelle_ray.model import build_model
 from gaelle_ray.model.weights import export_backbone
@@ -50,6 +50,19 @@ def test_checkpoint_folder(tmp_path, model, make_config):
     assert pretraining_run_id_of(folder) == "abc123"
     with pytest.raises(ValueError, match="model.arch = 'resnet18'"):
         load_backbone(folder, "resnet50")
+
+
+def test_a_run_folder_means_its_newest_checkpoint(tmp_path, model, make_config):
+    run_dir, folder = _folder(tmp_path, model, make_config("/data/pretrain-shards"))
+    older = run_dir / "train" / checkpoint_name(2)
+    save_checkpoint(older, {"worker": {"model": model.state_dict()}, "queues": {}, "history": []},
+                    {"epoch": 2, "iteration": 20, "world_size": 1, "config": {}})
+    assert resolve_checkpoint(str(run_dir)) == str(folder) == resolve_checkpoint(str(run_dir / "train"))
+    assert resolve_checkpoint(str(folder)) == str(folder)
+    assert resolve_checkpoint("random") == "random" and resolve_checkpoint("s3://b/run") == "s3://b/run"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no gaelle checkpoint here"):
+        resolve_checkpoint(str(tmp_path / "empty"))
 
 
 def test_torchvision_export(tmp_path, model):
