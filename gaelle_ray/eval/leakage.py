@@ -7,7 +7,10 @@ compares the evaluation test split with the pretraining split(s) two ways:
 - image ids, when both shard sets come from the same dataset family (the manifest's
   "dataset" less its trailing digits: coco2014 and coco2017 are both "coco", whose image
   ids are shared between the 2014 and 2017 splits); ids of unrelated datasets (VOC vs
-  COCO) mean nothing to each other and are not compared;
+  COCO) mean nothing to each other and are not compared. Toy sets are the exception
+  within a family: their ids number the images of one generated set (train 1..n_train,
+  val after), so two toy sets of different sizes give different pictures the same id, and
+  toy sets are compared by content only (a picture drawn twice has the same bytes);
 - content: sha1 of the stored JPEG bytes (`gaelle prepare` keeps a source's own bytes when
   it is an RGB JPEG, so the same file gives the same hash under any name or id).
 
@@ -39,9 +42,20 @@ log = logging.getLogger(__name__)
 _SHOW = 5
 
 
+# families whose image ids only number the images of one generated set
+_IDS_PER_SET = frozenset({"toy"})
+
+
 def dataset_family(name: str) -> str:
     """'coco2017' -> 'coco', 'voc2007' -> 'voc', 'toy' -> 'toy'."""
     return re.sub(r"[\d_-]+$", "", name.strip().lower())
+
+
+def ids_comparable(pretrain_dataset: str, eval_dataset: str) -> bool:
+    """Whether image ids of the two shard sets name the same pictures: the same family, and
+    not one whose ids are per generated set (toy)."""
+    family = dataset_family(pretrain_dataset)
+    return family == dataset_family(eval_dataset) and family not in _IDS_PER_SET
 
 
 def _shard_hashes(path: str, sha256: str, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +114,13 @@ def overlap_report(pretrain_shards_uri: str, eval_shards_uri: str, eval_split: s
     pretrain_splits = list(pretrain_splits)
     pre_ids, pre_hash = split_hashes(pretrain_shards_uri, pretrain_splits, cache_dir)
     ev_ids, ev_hash = split_hashes(eval_shards_uri, [eval_split], cache_dir)
-    fam_pre = dataset_family(pre_manifest.get("dataset", ""))
-    fam_eval = dataset_family(eval_manifest.get("dataset", ""))
-    ids_compared = fam_pre == fam_eval
+    ids_compared = ids_comparable(pre_manifest.get("dataset", ""), eval_manifest.get("dataset", ""))
     by_id = np.isin(ev_ids, pre_ids) if ids_compared else np.zeros(len(ev_ids), bool)  # (N_eval,)
     by_content = np.isin(ev_hash, pre_hash)  # (N_eval,)
     hit = by_id | by_content
     if not ids_compared:
-        log.info("leakage check: datasets %r and %r differ, image ids not compared (content hashes are)",
+        log.info("leakage check: image ids of %r and %r do not name the same pictures, not compared "
+                 "(content hashes are)",
                  pre_manifest.get("dataset"), eval_manifest.get("dataset"))
     return {"overlap": int(hit.sum()), "by_id": int(by_id.sum()), "by_content": int(by_content.sum()),
             "eval_images": int(len(ev_ids)), "ids_compared": ids_compared,

@@ -44,10 +44,27 @@ def test_leakage_guard(toy_shards, tmp_path):
     assert (r["overlap"], r["by_id"], r["by_content"], r["ids_compared"]) == (16, 0, 16, False)
     with pytest.raises(ValueError, match="16 by JPEG content"):
         check_overlap(str(other), toy_shards, "val", False, pretrain_splits=["val"])
-    # other bytes, same ids, same dataset family (like coco2017 vs coco2014): found by id
-    recoded = _relabelled_copy(Path(toy_shards), tmp_path / "recoded", 0, "toy2017", extra_byte=True)
-    r = overlap_report(str(recoded), toy_shards, "val", ["val"])
+    # other bytes, same ids, same dataset family (coco2017 vs coco2014): found by id
+    coco14 = _relabelled_copy(Path(toy_shards), tmp_path / "coco14", 0, "coco2014")
+    recoded = _relabelled_copy(Path(toy_shards), tmp_path / "recoded", 0, "coco2017", extra_byte=True)
+    r = overlap_report(str(recoded), str(coco14), "val", ["val"])
     assert (r["overlap"], r["by_id"], r["by_content"], r["ids_compared"]) == (16, 16, 0, True)
+
+
+def test_toy_sets_are_compared_by_content_only(tmp_path):
+    """Toy ids number one generated set's images: a small set's val ids are a bigger set's
+    train ids, different pictures; only the bytes say whether a picture was seen."""
+    from gaelle_ray.data.prepare import prepare_toy
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    prepare_toy(str(big), n_train=40, n_val=8, image_size=64, seed=0)
+    prepare_toy(str(small), n_train=8, n_val=8, image_size=64, seed=0)
+    r = overlap_report(str(big), str(small), "val", ["train"])  # small val ids 9..16 are big train ids
+    assert (r["overlap"], r["by_id"], r["ids_compared"]) == (0, 0, False)
+    assert check_overlap(str(big), str(small), "val", False, pretrain_splits=["train"]) == 0
+    # the same generator draws val image i the same in both sets: that is real overlap, by content
+    r = overlap_report(str(big), str(small), "val", ["val"])
+    assert (r["overlap"], r["by_content"]) == (8, 8)
 
 
 def test_random_backbone_needs_no_leakage_check_and_gets_no_notice(toy_shards, caplog):
