@@ -3,16 +3,23 @@
 :func:`prepare_from_source` picks the reader of :mod:`gaelle_ray.data.sources` for the kind
 (or generates the toy set with :mod:`gaelle_ray.data.toy`) and hands the records to
 :func:`gaelle_ray.data.shards.prepare_shards`, which knows nothing of where they came from.
+On a terminal, progress bars follow the toy images rendered and the shards written
+(:mod:`gaelle_ray.progress`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+import threading
+from collections import Counter
 from typing import Any, Sequence
 
+from gaelle_ray import storage
 from gaelle_ray.data import sources, toy
-from gaelle_ray.data.shards import prepare_shards
+from gaelle_ray.data.shards import PROGRESS_NAME, prepare_shards
+from gaelle_ray.progress import bar, bars_wanted
 
 __all__ = ["prepare_from_source", "prepare_toy"]
 
@@ -55,7 +62,41 @@ def _prepare_toy_in(toy_dir: str, out_uri, n_train: int, n_val: int, image_size:
         class_names = names
     source = {"kind": "toy", "n_train": n_train, "n_val": n_val, "image_size": image_size,
               "seed": seed}
-    return prepare_shards(records, class_names, out_uri, source=source, **prepare_kwargs)
+    return _prepare_shards_with_bar(records, class_names, out_uri, source=source, **prepare_kwargs)
+
+
+def _prepare_shards_with_bar(records: list[dict], class_names, out_uri, *, shard_size: int = 1000,
+                             **kwargs: Any) -> dict[str, Any]:
+    """prepare_shards, with a progress bar over the shards on a terminal.
+
+    The bar follows the shards written so far as prepare_shards records them in its
+    progress file (out_uri/_progress.json), read twice a second by a thread; shards kept
+    from an earlier run count as done. Without a terminal: prepare_shards alone."""
+    if not bars_wanted() or not records:
+        return prepare_shards(records, class_names, out_uri, shard_size=shard_size, **kwargs)
+    per_split = Counter(r.get("split") for r in records)
+    total = sum(math.ceil(n / max(shard_size, 1)) for n in per_split.values())
+    stop = threading.Event()
+    with bar(total=total, desc="shards", unit="shard") as progress:
+        def follow() -> None:
+            while not stop.wait(0.5):
+                try:
+                    state = storage.read_json(os.fspath(out_uri), PROGRESS_NAME)
+                except Exception:  # noqa: BLE001 - a bar that lags, never a failed prepare
+                    continue
+                done = min(len((state or {}).get("shards") or {}), total)
+                if done > progress.n:
+                    progress.update(done - progress.n)
+
+        watcher = threading.Thread(target=follow, name="gaelle-shard-progress", daemon=True)
+        watcher.start()
+        try:
+            manifest = prepare_shards(records, class_names, out_uri, shard_size=shard_size, **kwargs)
+        finally:
+            stop.set()
+            watcher.join()
+        progress.update(total - progress.n)
+    return manifest
 
 
 def _read_kind(kind: str, root: str | None, year: int | str, splits: Sequence[str] | None,
@@ -123,5 +164,5 @@ def prepare_from_source(kind: str, out_uri: str | os.PathLike, *, root: str | No
     if dataset_name is None:
         dataset_name = {"coco": f"coco{year}", "voc": "voc2007"}.get(
             kind, os.path.basename(os.path.abspath(root or "")) or "folder")
-    return prepare_shards(records, class_names, out_uri, dataset_name=dataset_name,
-                          source=source, **common)
+    return _prepare_shards_with_bar(records, class_names, out_uri, dataset_name=dataset_name,
+                                    source=source, **common)

@@ -409,14 +409,17 @@ def _coco_json(split: str, n_train: int, image_size: int,
             "categories": categories}
 
 
-def _run_tasks(tasks: list[tuple], workers: int) -> list[list[dict[str, Any]]]:
+def _run_tasks(tasks: list[tuple], workers: int, desc: str = "") -> list[list[dict[str, Any]]]:
+    """Render the images of `tasks`; a progress bar (gaelle_ray.progress) on a terminal."""
+    from gaelle_ray.progress import bar
+
     if workers <= 1 or len(tasks) < 64:
-        return [_make_image(t) for t in tasks]
+        return [_make_image(t) for t in bar(tasks, desc=desc, unit="img")]
     # spawn, not fork: safe next to threaded libraries (pyarrow, torch). A broken worker
     # raises BrokenProcessPool instead of hanging, as multiprocessing.Pool would.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        return list(pool.map(_make_image, tasks, chunksize=32))
+        return list(bar(pool.map(_make_image, tasks, chunksize=32), total=len(tasks), desc=desc, unit="img"))
 
 
 def _remove_stale_images(image_dir: str, keep: set[str]) -> None:
@@ -475,7 +478,7 @@ def make_toy(out_dir: str | os.PathLike, n_train: int = 2000, n_val: int = 500,
         tasks = [(os.path.join(image_dir, f"{_image_id(split, i, n_train):012d}.jpg"),
                   seed, split, i, image_size) for i in range(count)]
         _remove_stale_images(image_dir, {os.path.basename(t[0]) for t in tasks})
-        coco = _coco_json(split, n_train, image_size, _run_tasks(tasks, workers))
+        coco = _coco_json(split, n_train, image_size, _run_tasks(tasks, workers, desc=f"toy {split}"))
         ann_file = os.path.join(out_dir, "annotations", f"instances_{split}.json")
         with open(ann_file, "w", encoding="utf-8") as f:
             json.dump(coco, f, separators=(",", ":"), sort_keys=True)

@@ -101,6 +101,7 @@ def _result_from_plain(d: dict[str, Any]) -> ProbeResult:
 def linear_probe_worker(cfg: dict) -> None:
     """Ray Train entry point. cfg: settings (dict), state (ObjectRef of the backbone state
     dict), arch, data_uri, train_split, test_split, use_gpu, cpus_per_worker."""
+    ray_setup.quiet_train_worker_console()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg["use_gpu"] and torch.cuda.is_available()

@@ -44,6 +44,7 @@ from gaelle_ray import storage
 from gaelle_ray.config import MEAN, STD
 from gaelle_ray.data.shards import list_shards, read_manifest
 from gaelle_ray.precision import autocast, autocast_dtype
+from gaelle_ray.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ def _run_backbone(backbone: nn.Module, dataset: ShardImages, batch_size: int, de
     was_training = backbone.training
     backbone.eval()
     feats, labels, ids = [], [], []
+    progress = bar(total=len(dataset), desc=f"features {dataset.split}", unit="img")  # on a terminal only
     try:
         for images, lab, idx in make_loader(dataset, batch_size, num_workers=num_workers):
             with autocast(dtype, device):
@@ -315,7 +317,9 @@ def _run_backbone(backbone: nn.Module, dataset: ShardImages, batch_size: int, de
             feats.append(out.float().cpu())
             labels.append(lab)
             ids.append(idx)
+            progress.update(len(idx))
     finally:
+        progress.close()
         backbone.train(was_training)
     width = getattr(backbone, "num_features", 0)
     if not feats:

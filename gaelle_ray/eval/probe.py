@@ -30,6 +30,7 @@ from torch import nn
 
 from gaelle_ray.eval.features import EvalTransform, ShardImages
 from gaelle_ray.eval.metrics import mean_average_precision
+from gaelle_ray.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,8 @@ def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], 
     batch (clf itself, or clf wrapped in DDP); batches(epoch): (features (B, F), targets
     (B, C)) of one epoch, exactly `steps_per_epoch` of them; score_test(): (scores (N, C),
     targets (N, C)) of the whole test set on the main process, None elsewhere. log_epochs:
-    one log line per epoch (off for the online probe inside training).
+    one log line per epoch, and on a terminal a progress bar over the iterations (off for
+    the online probe inside training).
 
     Returns the ProbeResult on the main process, None elsewhere.
     """
@@ -262,6 +264,7 @@ def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], 
     it, t0 = 0, time.perf_counter()
     history: list[dict[str, float]] = []
     maps = EpochMaps(class_names)
+    progress = bar(total=total, desc=name, unit="step", enabled=None if is_main and log_epochs else False)
     for epoch in range(settings.epochs):
         clf.train()
         loss_sum, n_steps = 0.0, 0
@@ -274,6 +277,7 @@ def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], 
             loss_sum += float(loss.detach())
             n_steps += 1
             it += 1
+            progress.update(1)
         if n_steps != steps_per_epoch:
             raise RuntimeError(f"{name}: epoch {epoch} had {n_steps} steps, expected {steps_per_epoch}")
         record = {"epoch": epoch, "train_loss": loss_sum / max(n_steps, 1), "lr": cosine_lr(settings.lr, it - 1, total)}
@@ -287,6 +291,9 @@ def fit_classifier(clf: nn.Module, forward: nn.Module, batches: Callable[[int], 
         if is_main and log_epochs:
             log.info("%s epoch %d/%d loss %.4f%s", name, epoch + 1, settings.epochs, record["train_loss"],
                      f" test mAP {100 * record['test_map']:.2f}" if "test_map" in record else "")
+            progress.set_description(f"{name} epoch {epoch + 1}/{settings.epochs} loss {record['train_loss']:.4f}"
+                                     + (f" mAP {100 * record['test_map']:.1f}" if "test_map" in record else ""))
+    progress.close()
     if not is_main:
         return None
     return maps.result(settings.epochs - 1, history, num_train, time.perf_counter() - t0)

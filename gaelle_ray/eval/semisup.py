@@ -36,8 +36,9 @@ from gaelle_ray.eval.leakage import leakage_guard
 from gaelle_ray.eval.probe import (
     EpochMaps, ProbeResult, check_classes, classifier_scores, make_classifier, masked_bce, sgd_step,
 )
-from gaelle_ray.eval.report import log_eval_run
+from gaelle_ray.eval.report import eval_run_name, log_eval_run
 from gaelle_ray.precision import autocast, autocast_dtype, grad_scaler
+from gaelle_ray.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def _fit(model: nn.Module, backbone: nn.Module, clf: nn.Module, opt: torch.optim
         model.train()
         loss_sum, n = 0.0, 0
         order = train_set.block_order(settings.seed, epoch)
-        for images, labels, _ in make_loader(train_set, settings.batch_size, order=order, num_workers=loader_workers):
+        loader = make_loader(train_set, settings.batch_size, order=order, num_workers=loader_workers)
+        # a progress bar over the epoch's batches on a terminal only
+        for images, labels, _ in bar(loader, desc=f"semisup epoch {epoch + 1}/{settings.epochs}", unit="batch"):
             with autocast(dtype, device):
                 logits = model(images.to(device, non_blocking=True))  # (B, C)
             loss = masked_bce(logits.float(), labels.to(device))
@@ -210,6 +213,7 @@ def run_semisup(checkpoint: str, percent: float, data_uri: str | None, config, *
                   "train_split": ev.train_split, "test_split": ev.test_split, "subset_size": len(rows),
                   "subset_ids_sha1": subset_sha}
         tags = {"mode": "semisup", "checkpoint": checkpoint, **guard}
-        out["run_id"] = log_eval_run(config, result, job="semisup", run_name=f"semisup-{dataset}-{percent:g}pct",
+        name = eval_run_name(f"semisup {percent:g}% {dataset}", checkpoint, info, config, parent)
+        out["run_id"] = log_eval_run(config, result, job="semisup", run_name=name,
                                      params=params, tags=tags, parent_run_id=parent)
     return out
