@@ -36,6 +36,7 @@ import difflib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,12 +172,22 @@ def sweep_tracking_uri(spec: SweepSpec) -> str:
     return f"sqlite:///{Path(root) / spec.name / 'mlflow.db'}"
 
 
-def trial_config(base: dict, params: dict[str, Any], trial_dir: str, tracking_uri: str) -> Config:
+def trial_config(base: dict, params: dict[str, Any], trial_dir: str, tracking_uri: str, run_name: str = "") -> Config:
     """The trial's validated config: base + searched values, its own run dir, the sweep's
-    MLflow store, and the collapse watch set to stop the trial."""
+    MLflow store (and run name, when given), and the collapse watch set to stop the trial."""
     config = Config.from_dict(base, source="sweep base")
+    extra = {"tracking.run_name": run_name} if run_name else {}
     return config.replace({**params, "train.run_dir": trial_dir, "tracking.tracking_uri": tracking_uri,
-                           "train.collapse_action": "stop"})
+                           "train.collapse_action": "stop", **extra})
+
+
+def trial_run_name(params: dict[str, Any], trial_id: str = "") -> str:
+    """A trial's MLflow run name: its searched values (`optim.base_lr=0.3125 queue.queue_length=1920`),
+    then its number in the sweep (`#3`, from the Tune trial id), since repeats of a grid
+    (num_samples > 1) search the same values. At most tracking.MAX_RUN_NAME characters."""
+    number = re.search(r"_(\d+)$", trial_id or "")
+    tail = f" #{int(number.group(1))}" if number else ""
+    return tracking.fit_name("", tracking.describe_overrides(params) or "trial", tail)
 
 
 def run_trial(tune_config: dict) -> None:
@@ -188,8 +199,9 @@ def run_trial(tune_config: dict) -> None:
 
     meta = tune_config["__sweep__"]
     params = {k: v for k, v in tune_config.items() if k != "__sweep__"}
-    trial_dir = os.path.join(meta["trials_dir"], tune.get_context().get_trial_id())
-    config = trial_config(meta["base"], params, trial_dir, meta["tracking_uri"])
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = os.path.join(meta["trials_dir"], trial_id)  # a resumed trial keeps its MLflow run (and name)
+    config = trial_config(meta["base"], params, trial_dir, meta["tracking_uri"], trial_run_name(params, trial_id))
     resume = Path(trial_dir, "train").exists()
     try:
         result = pretrain(config, resume=resume, parent_run_id=meta["parent_run_id"],

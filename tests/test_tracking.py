@@ -80,3 +80,88 @@ def test_experiments_are_marked_as_model_training_unless_someone_chose(tmp_path)
     chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
     tracking.start_run(uri, "chosen", "r", {}, {})
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_the_ui_link_opens_the_runs_table_with_the_map_columns(tmp_path):
+    """MLflow 3.17's UI picks GenAI or model training from its own switch (the URL's
+    workflowType), not from the kind tag; the link we print sets it and names our shared
+    view, stored as the experiment tag the UI reads (its "Share" format)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "r", {}, {})
+    exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    view = json.loads(MlflowClient(uri).get_experiment(exp_id).tags["mlflow.sharedViewState.gaelle"])
+    assert view["orderByKey"] == "metrics.`map_final`" and view["orderByAsc"] is False
+    assert {"metrics.`map_final`", "metrics.`linear_fast_map_toy`", "metrics.`epoch_online_map`"} <= set(
+        view["selectedColumns"])
+    hint = tracking.ui_hint(uri, run_id)
+    assert f"mlflow ui --backend-store-uri {uri}" in hint
+    assert (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=gaelle") in hint
+
+
+# ----------------------------------------------------------------------------- system metrics
+
+
+def _system_points(uri, run_id, key="system/cpu_utilization_percentage"):
+    return tracking.metric_history(uri, run_id, key)
+
+
+def _wait_for(predicate, timeout_s=60.0):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_system_metrics_stop_with_the_thread_that_started_them(tmp_path, capfd):
+    """What rank 0's training thread does (open_run_logger): system metrics into the run
+    until that thread ends. The interval is far longer than the section, so the only point
+    is the one written when the thread's end stops the monitor; quietly, no INFO lines."""
+    import threading
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "r", {}, {})
+    logger = tracking.RunLogger(uri, run_id)
+    started = []
+
+    def training_thread():
+        started.append(logger.monitor_system(600))
+        sum(i * i for i in range(200_000))  # a little work
+
+    t = threading.Thread(target=training_thread, name="TrainingThread(test)")
+    t.start()
+    t.join()
+    assert started[0] is not None and started[0].interval_s == 600
+    assert _wait_for(lambda: len(_system_points(uri, run_id)) == 1), "no system metrics after the thread ended"
+    keys = set(tracking._client(uri).get_run(run_id).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage"} <= keys
+    assert _wait_for(lambda: not any(th.name == "SystemMetricsMonitor" for th in threading.enumerate()), 30)
+    # a restarted worker (or a resumed run) continues the steps
+    again = tracking.RunLogger(uri, run_id)
+    again.monitor_system(600, until_caller_ends=False)
+    again.close()
+    again.close()  # idempotent
+    assert [s for s, _ in _system_points(uri, run_id)] == [0, 1]
+    out, err = capfd.readouterr()
+    assert "monitoring system metrics" not in out + err and "Skip logging GPU" not in out + err
+
+
+def test_system_metrics_sample_every_interval(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "r", {}, {})
+    logger = tracking.RunLogger(uri, run_id)
+    logger.monitor_system(0.2, until_caller_ends=False)
+    try:
+        assert _wait_for(lambda: len(_system_points(uri, run_id)) >= 2), "the monitor wrote no points by itself"
+    finally:
+        logger.close()
+    steps = [s for s, _ in _system_points(uri, run_id)]
+    assert steps == list(range(len(steps)))
+    assert all(0 <= v <= 100 for _, v in _system_points(uri, run_id, "system/system_memory_usage_percentage"))

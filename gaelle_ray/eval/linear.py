@@ -50,7 +50,7 @@ from gaelle_ray.eval.probe import (
     ProbeResult, ProbeSettings, check_classes, classifier_scores, epoch_steps, fit_classifier, freeze,
     make_classifier, probe_datasets,
 )
-from gaelle_ray.eval.report import log_eval_run, log_on_pretraining_run
+from gaelle_ray.eval.report import eval_run_name, log_eval_run, log_on_pretraining_run
 from gaelle_ray.precision import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def run_linear_eval(checkpoint: str, dataset: str | None, data_uri: str | None, 
                   "data": data_uri, "mode": result.mode, "num_workers": 1 if fast else workers,
                   "num_train": result.num_train, "num_test": result.num_test}
         tags = {"mode": result.mode, "checkpoint": checkpoint, **guard}
-        name = f"linear-eval-{dataset}" + ("-fast" if fast else "")
+        name = eval_run_name(f"linear-eval{' fast' if fast else ''} {dataset}", checkpoint, info, config, parent)
         out["run_id"] = log_eval_run(config, result, job="linear_eval", run_name=name, params=params, tags=tags,
                                      parent_run_id=parent)
         if parent and info["kind"] != "random":  # a random baseline is not the pretraining run's result

@@ -9,18 +9,48 @@ import csv
 import os
 import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from gaelle_ray.eval.probe import ProbeResult
 
-__all__ = ["write_per_class_csv", "log_eval_run", "log_on_pretraining_run"]
+__all__ = ["write_per_class_csv", "log_eval_run", "log_on_pretraining_run", "eval_run_name", "RANDOM_INIT"]
+
+RANDOM_INIT = "random init"  # in the name of every evaluation of a randomly initialised backbone
 
 
 def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
+
+
+def eval_run_name(job: str, checkpoint: str, info: dict[str, Any], config=None, run_id: str | None = None) -> str:
+    """An evaluation run's name: `<job>: <what was evaluated>`, at most 80 characters, e.g.
+    `linear-eval fast toy: cpu_demo/epoch_00019` (a checkpoint folder: the name of the
+    pretraining run `run_id` when the store knows it, else its run directory's name, then the
+    epoch), `linear-eval fast toy: random init resnet18`, `semisup 10% coco:
+    backbone_resnet50.pth`. info: load_backbone_info's {"kind", "arch", "epoch"}."""
+    from gaelle_ray import storage, tracking
+
+    prefix = f"{job}: "
+    if info.get("kind") == "random":
+        return tracking.shorten(f"{prefix}{RANDOM_INIT} {info.get('arch') or ''}".rstrip())
+    path = PurePosixPath(str(checkpoint).rstrip("/").split("://", 1)[-1])
+    epoch = info.get("epoch")
+    if info.get("kind") != "folder":  # a .pth file: its name (and the epoch it records)
+        return tracking.fit_name(prefix, path.name, f" epoch {epoch}" if epoch is not None else "")
+    name = None
+    if run_id and config is not None:
+        try:
+            name = tracking.run_name(tracking.resolve_tracking_uri(config), run_id)
+        except ValueError:  # no store to ask: the path names it
+            name = None
+    if path.name.startswith(storage.CHECKPOINT_PREFIX):  # <run_dir>/train/epoch_NNNNN
+        run_dir = path.parent.parent if path.parent.name == "train" else path.parent
+        return tracking.fit_name(prefix, name or run_dir.name, f"/{path.name}")
+    return tracking.fit_name(prefix, name or path.name,
+                             f"/{storage.checkpoint_name(int(epoch))}" if epoch is not None else "")
 
 
 def write_per_class_csv(result: ProbeResult, path: str | os.PathLike) -> Path:
