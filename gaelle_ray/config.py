@@ -42,6 +42,10 @@ class DataConfig:
     read_parallelism: int = 0  # Ray Data read tasks (0 = let Ray decide)
     crop_cpus: float = 1.0  # CPUs reserved by each crop task of the stream
     prefetch_batches: int = 2  # batches prefetched per training worker
+    # Ray Data's preserve_order for the training stream: batches reach the workers in the
+    # same order on every run, so a resumed run repeats an uninterrupted one exactly; costs
+    # head-of-line blocking (a finished crop task waits for slower ones before it)
+    preserve_order: bool = False
 
 
 MEAN = (0.485, 0.456, 0.406)  # per-channel normalisation of the crops (augmentation.mean default)

@@ -26,6 +26,7 @@ class DemoResult:
     tracking_uri: str
     checkpoint: str
     online: dict[str, float] = field(default_factory=dict)  # online metrics at the end of pretraining
+    run_id: str = ""  # the pretraining run in MLflow
 
     @property
     def margin(self) -> float:
@@ -62,7 +63,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: i
     workers = config.train.num_workers
     print(f"[demo] pretraining {config.model.arch} for {config.train.epochs} epochs on {workers} Ray Train "
           f"worker{'s' if workers != 1 else ''} of {config.ray.num_cpus_per_worker:g} CPU(s)...", flush=True)
-    result = pretrain(config)
+    result = pretrain(config, config_file=CPU_CONFIG, overrides=list(overrides))
     seconds["pretrain"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -74,7 +75,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, n_train: int = 2000, n_val: i
     seconds["probe"] = time.perf_counter() - t0
     online = {k: v for k, v in result.metrics.items() if k.startswith("online_")}
     demo = DemoResult(scores["pretrained"], scores["random init"], seconds, result.tracking_uri, result.checkpoint,
-                      online)
+                      online, result.mlflow_run_id)
     print_table(demo)
     return demo
 
@@ -98,4 +99,8 @@ def print_table(demo: DemoResult) -> None:
           f"probes {demo.seconds['probe']:.0f}s, total {total / 60:.1f} min")
     print(f"  checkpoint: {demo.checkpoint}")
     print(f"  MLflow store: {demo.tracking_uri}")
-    print(f"  open the MLflow UI with: mlflow ui --backend-store-uri {demo.tracking_uri}\n", flush=True)
+    if demo.run_id:
+        from gaelle_ray.tracking import ui_hint
+        print("  " + ui_hint(demo.tracking_uri, demo.run_id) + "\n", flush=True)
+    else:
+        print(f"  open the MLflow UI with: mlflow ui --backend-store-uri {demo.tracking_uri}\n", flush=True)

@@ -50,6 +50,24 @@ rows inside an item are shuffled, but a batch of B rows holds images of roughly
 image-id order, which for COCO carries no content order; use a small ``rows_per_item`` for
 data sets whose row order means something.
 
+Order
+-----
+What a stream holds is fixed by ``(train.seed, epochs, data)``: the item order of every
+epoch, the row order inside an item and every image's crops are seeded. The ORDER in
+which the rows reach a worker is not, by default, in two places of Ray Data: the executor
+hands on each crop task's output as the task finishes (tasks in flight finish in any
+order: seen with two one-item epochs, epoch 1 arrived first), and the worker's iterator
+formats ``prefetch_batches`` batches in a thread pool and yields them as they are done
+(seen: batches 0 and 1 of one task swapped between two runs). With Ray Data's
+``execution_options.preserve_order`` both keep the input order and ``streaming_split``
+deals the blocks out deterministically (it then ignores locality hints), so each worker's
+batch sequence is a function of the seed, the epochs, the world size and the data, and a
+resumed run sees exactly the batches the uninterrupted run would have seen (one worker,
+bitwise: tests/train/test_resume_ray.py). Ray Train takes the option from the driver's
+``DataContext`` when the trainer is created, or from ``DataConfig(execution_options=
+ordered_ingest_options())``. The price is head-of-line blocking: a finished task's output
+waits for the slower tasks before it (the crop tasks are of one size here).
+
 Worker side
 -----------
 :func:`epoch_batches` iterates ONE ``iter_torch_batches(batch_size=B, drop_last=True)``
@@ -124,6 +142,7 @@ __all__ = [
     "epoch_batches",
     "epoch_item_order",
     "input_blocks",
+    "ordered_ingest_options",
     "plan_items",
     "read_rows",
     "split_shards",
@@ -390,6 +409,18 @@ def build_pretrain_stream(config, start_epoch: int = 0, num_epochs: int | None =
     return ds.map_batches(crop_items, batch_size=1, batch_format="numpy",
                           fn_kwargs={"plan": plan}, num_cpus=config.data.crop_cpus,
                           concurrency=parallel if parallel > 0 else None)
+
+
+def ordered_ingest_options() -> "ray.data.ExecutionOptions":
+    """Ray Train's ingest options (taken from the current ``DataContext``) with
+    ``preserve_order`` on: the workers' batch order no longer depends on which crop task
+    or formatting thread finishes first (module docstring, "Order"). For
+    ``ray.train.DataConfig(execution_options=...)``."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 # ----------------------------------------------------------------------------- worker side

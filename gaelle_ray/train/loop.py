@@ -41,9 +41,12 @@ from gaelle_ray.eval.online import OnlineProbe, OnlineSettings
 from gaelle_ray.losses.queue import per_worker_length
 from gaelle_ray.model import build_model
 from gaelle_ray.model.norm import convert_group_batchnorm
+from gaelle_ray.progress import worker_bar
+from gaelle_ray.ray_setup import quiet_train_worker_console
 from gaelle_ray.storage import checkpoint_name, load_checkpoint, save_checkpoint
 from gaelle_ray.train.checkpoint import queues_for_rank, write_stop_reason
 from gaelle_ray.train.collapse import collapse_check, online_collapse_check
+from gaelle_ray.train.init_from import apply_init_from
 from gaelle_ray.train.step import GaelleStepper, StepMetrics, TooManyNonFiniteSteps
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,8 @@ def set_up_worker(config: Config) -> Worker:
     _seed_everything(config.train.seed + rank)
     steps = steps_per_epoch(config, count_rows(config), world)
     model, forward_model, group = build_training_model(config, device, world)
+    apply_init_from(model, config, resuming=ray.train.get_checkpoint() is not None,
+                    say=write_progress_line if rank == 0 else None)
     stepper = GaelleStepper(model, config, device, group, world, rank, steps, forward_model)
     settings = OnlineSettings.from_config(config)
     online = OnlineProbe(settings, rank, world) if settings is not None else None
@@ -145,7 +150,9 @@ def restore(worker: Worker, checkpoint: ray.train.Checkpoint | None) -> int:
 
 def open_run_logger(worker: Worker, tracking_uri: str, run_id: str) -> None:
     """On rank 0 of a tracked run: the MLflow logger, with the epochs that were checkpointed
-    but never logged (a crash between the two) logged now."""
+    but never logged (a crash between the two) logged now, and MLflow's system metrics
+    (`system/...`, every 10 s) recorded until this training thread ends, i.e. until
+    train_loop_per_worker returns or raises."""
     if worker.rank != 0 or not run_id:
         return
     from gaelle_ray.tracking import RunLogger
@@ -156,6 +163,7 @@ def open_run_logger(worker: Worker, tracking_uri: str, run_id: str) -> None:
                             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
     for past in worker.history:
         worker.logger.log_metrics({f"epoch_{k}": v for k, v in past.items() if k != "epoch"}, step=past["epoch"])
+    worker.logger.monitor_system(until_caller_ends=True)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -199,34 +207,45 @@ class EpochTally:
                     self.sums[key] += value
 
 
-def run_epoch(worker: Worker, batches: Iterable[StreamBatch], epoch: int) -> EpochTally:
-    """Run the steps of `epoch` over its batches; a progress line and the step metrics every
-    train.log_every_steps steps. Stops early (tally.stop_reason) after too many non-finite
-    steps in a row."""
+def run_epoch(worker: Worker, batches: Iterable[StreamBatch], epoch: int, bars: bool = False) -> EpochTally:
+    """Run the steps of `epoch` over its batches; the step metrics every
+    train.log_every_steps steps, with a progress line, or (bars: the driver is on a
+    terminal; rank 0 only) a progress bar drawn on the driver whose label carries the loss.
+    Stops early (tally.stop_reason) after too many non-finite steps in a row."""
     tc, stepper = worker.config.train, worker.stepper
     tally: EpochTally | None = None
-    for item in batches:
-        if tally is None:  # the epoch's clock starts before the wait for its first batch
-            tally = EpochTally(started=time.perf_counter() - item.wait_s)
-        try:
-            m = stepper.step(item.crops, epoch, tc.epochs)
-        except TooManyNonFiniteSteps as exc:
-            tally.stop_reason = f"non-finite loss: {exc}"
-            return tally
-        tally.add(item, m)
-        done = item.step + 1
-        if done % tc.log_every_steps == 0 or done == worker.steps:
-            _log_step(worker, tally, m, epoch, done)
+    bar = worker_bar(worker.steps, f"epoch {epoch + 1}/{tc.epochs}", unit="step") if bars else None
+    try:
+        for item in batches:
+            if tally is None:  # the epoch's clock starts before the wait for its first batch
+                tally = EpochTally(started=time.perf_counter() - item.wait_s)
+            try:
+                m = stepper.step(item.crops, epoch, tc.epochs)
+            except TooManyNonFiniteSteps as exc:
+                tally.stop_reason = f"non-finite loss: {exc}"
+                return tally
+            tally.add(item, m)
+            done = item.step + 1
+            if done % tc.log_every_steps == 0 or done == worker.steps:
+                _log_step(worker, tally, m, epoch, done, bar)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     if tally is None:
         raise RuntimeError(f"epoch {epoch}: the stream gave no batch")
     return tally
 
 
-def _log_step(worker: Worker, tally: EpochTally, m: StepMetrics, epoch: int, done: int) -> None:
+def _log_step(worker: Worker, tally: EpochTally, m: StepMetrics, epoch: int, done: int, bar=None) -> None:
     tc, steps = worker.config.train, worker.steps
     elapsed = max(time.perf_counter() - tally.started, 1e-9)
     imgs = done * worker.images_per_step / elapsed
-    if worker.rank == 0:
+    if bar is not None:  # the bar shows the rate and the time left; its label the loss
+        bar.set_description(f"epoch {epoch + 1}/{tc.epochs} loss {m.loss:.4f} data wait "
+                            f"{100 * tally.wait_s / elapsed:.0f}%")
+    elif worker.rank == 0:
         remaining = (tc.epochs - epoch - 1) * steps + steps - done
         write_progress_line(
             f"epoch {epoch + 1}/{tc.epochs} step {done}/{steps} loss {m.loss:.4f} "
@@ -323,12 +342,18 @@ def _report_with_checkpoint(worker: Worker, epoch: int, report: dict, queues: di
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if worker.rank == 0:
-            state = {"worker": worker.stepper.state_dict(), "queues": queues, "history": worker.history,
-                     "online": worker.online_state}
-            save_checkpoint(tmp, state, {"epoch": epoch, "iteration": worker.stepper.iteration,
-                                         "world_size": worker.world, "config": worker.config.to_dict()})
+            write_checkpoint(worker, tmp, epoch, queues)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(epoch))
+
+
+def write_checkpoint(worker: Worker, directory: str, epoch: int, queues: dict) -> None:
+    """The checkpoint of the end of `epoch` (state.pt and meta.json) into the local folder
+    `directory`; `queues`: every rank's queue states (_gather_queues). What restore() reads."""
+    state = {"worker": worker.stepper.state_dict(), "queues": queues, "history": worker.history,
+             "online": worker.online_state}
+    save_checkpoint(directory, state, {"epoch": epoch, "iteration": worker.stepper.iteration,
+                                       "world_size": worker.world, "config": worker.config.to_dict()})
 
 
 # ----------------------------------------------------------------------------- online evaluation
@@ -387,7 +412,9 @@ def log_online_baseline(worker: Worker) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: {"config": Config.to_dict(), "tracking_uri", "run_id",
-    "run_uri" (the run's storage folder, for the stop record)}."""
+    "run_uri" (the run's storage folder, for the stop record), "progress_bars" (the driver is
+    on a terminal: progress bars instead of progress lines)}."""
+    quiet_train_worker_console()
     config = Config.from_dict(loop_config["config"], source="train_loop_config")
     tc = config.train
     worker = set_up_worker(config)
@@ -405,7 +432,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             prefetch_batches=config.data.prefetch_batches)
     stop_reason, epoch = None, start_epoch
     for epoch in range(start_epoch, tc.epochs):
-        tally = run_epoch(worker, itertools.islice(batches, worker.steps), epoch)
+        tally = run_epoch(worker, itertools.islice(batches, worker.steps), epoch,
+                          bars=bool(loop_config.get("progress_bars")) and worker.rank == 0)
         if tally.stop_reason:  # stopped mid-epoch: no new checkpoint (the newest good one stays)
             stop_reason = tally.stop_reason
             ray.train.report({"epoch": epoch, "iteration": worker.stepper.iteration, "collapsed": False,
@@ -420,3 +448,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if worker.rank == 0:
         write_progress_line(f"training loop finished in {_format_eta(time.perf_counter() - run_started)}"
                             + (f"; stopped: {stop_reason}" if stop_reason else ""))
+    if worker.logger is not None:  # sends what a tracking outage held back, or keeps it in a file
+        worker.logger.close()

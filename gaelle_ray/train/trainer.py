@@ -23,9 +23,12 @@ from ray.train.torch import TorchTrainer
 
 from gaelle_ray import storage, tracking
 from gaelle_ray.config import Config
-from gaelle_ray.data.pipeline import build_pretrain_stream
+from gaelle_ray.data.pipeline import build_pretrain_stream, ordered_ingest_options
+from gaelle_ray.preflight import check_pretrain_inputs
+from gaelle_ray.progress import bars_wanted
 from gaelle_ray.ray_setup import build_torch_trainer, check_cpu_budget, init_ray, wait_for_cpus
 from gaelle_ray.train.checkpoint import clear_stop_reason, read_stop_reason
+from gaelle_ray.train.init_from import check_init_from
 from gaelle_ray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -75,26 +78,33 @@ def make_stream_factory(config: Config):
 
 def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "", callbacks=()) -> TorchTrainer:
     """The pretraining TorchTrainer: train_loop_per_worker on train.num_workers workers, the
-    stream as its "train" dataset, checkpoints under <ray.storage_path or train.run_dir>/train."""
+    stream as its "train" dataset, checkpoints under <ray.storage_path or train.run_dir>/train.
+    The workers draw progress bars (on the driver) when this driver is on a terminal."""
     tc = config.train
     return build_torch_trainer(
         train_loop_per_worker,
-        {"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id, "run_uri": _run_uri(config)},
+        {"config": config.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id, "run_uri": _run_uri(config),
+         "progress_bars": bars_wanted()},
         name=RUN_NAME, storage_path=storage.normalise(config.ray.storage_path or tc.run_dir),
         num_workers=tc.num_workers, use_gpu=tc.use_gpu, cpus_per_worker=config.ray.num_cpus_per_worker,
         keep_checkpoints=tc.keep_checkpoints, max_failures=tc.max_failures, callbacks=callbacks,
-        datasets={"train": make_stream_factory(config)})
+        datasets={"train": make_stream_factory(config)},
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options())
+        if config.data.preserve_order else None)
 
 
 def pretrain(config: Config, *, resume: bool = False, address: str = "", track: bool = True,
-             parent_run_id: str | None = None, callbacks=(), check_budget: bool = True) -> PretrainResult:
+             parent_run_id: str | None = None, callbacks=(), check_budget: bool = True,
+             config_file: str | os.PathLike | None = None, overrides=()) -> PretrainResult:
     """Run GAELLE pretraining on Ray Train; returns where the newest checkpoint is and the
     final metrics. Raises ValueError before anything starts on a bad setup, PretrainStopped
     when the run stopped itself.
 
     parent_run_id: MLflow parent (a sweep's run). callbacks: Ray Train callbacks (a Tune
     trial passes TuneReportCallback). check_budget: False inside Tune trials, which share
-    the cluster with each other (the sweep checks the budget once for all)."""
+    the cluster with each other (the sweep checks the budget once for all).
+    config_file, overrides: the YAML and `--set` strings the config came from; a new MLflow
+    run is named after them (tracking.pretrain_run_name), a resumed run keeps its name."""
     tc = config.train
     run_uri = _run_uri(config)
     done = storage.latest_epoch(run_uri)
@@ -103,7 +113,9 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
                          "pass --resume to continue it, or choose another train.run_dir")
     if resume and done is None:
         log.warning("--resume: no checkpoint in %s, starting from epoch 0", run_uri)
+    check_pretrain_inputs(config, resume)  # shards, split, storage: one-line errors, before Ray starts
     check_online_data(config)
+    check_init_from(config, resuming=resume and done is not None)
 
     # Ray and the CPU budget first: nothing is written before the setup is known to run.
     # A local instance gets at least enough logical CPUs for the workers and two crop tasks.
@@ -120,8 +132,9 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
         run_id = (_read_run_id(tc.run_dir) if resume else None) or ""
         if not run_id:
             run_id = tracking.start_run(tracking_uri, config.tracking.experiment,
-                                        config.tracking.run_name or Path(tc.run_dir).name,
-                                        config.flat(), {**tracking.version_tags(), "job": "pretrain"},
+                                        tracking.pretrain_run_name(config, config_file, overrides),
+                                        config.flat(), {**tracking.version_tags(), "job": "pretrain",
+                                                        **({"config_file": str(config_file)} if config_file else {})},
                                         parent_run_id=parent_run_id)
             _write_run_id(tc.run_dir, run_id)
         _log_config_artifact(config, tracking_uri, run_id)
@@ -130,6 +143,13 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
     result = build_trainer(config, tracking_uri, run_id, callbacks).fit()
     metrics = dict(result.metrics or {})
     checkpoint = _checkpoint_uri(result.checkpoint) if result.checkpoint else None
+    if track:  # down at the run's end: training is done and its records stay local; don't crash
+        try:
+            tracking.check_reachable(tracking_uri)
+        except ValueError as exc:
+            log.warning("%s: MLflow run %s is left unfinished, without its final artifacts; the checkpoints and "
+                        "the run id (%s) stay in %s", exc, run_id, storage.RUN_ID_FILE, tc.run_dir)
+            track = False
     if track and checkpoint:
         _log_final_artifacts(config, result.checkpoint, checkpoint, tracking_uri, run_id)
     stopped = read_stop_reason(run_uri)
@@ -179,6 +199,29 @@ def _checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
+BACKBONE_MODEL = "backbone"  # the MLflow model's name
+
+
+def log_backbone_model(arch: str, exported: dict, uri: str, run_id: str, epoch: int = 0) -> str | None:
+    """The exported backbone also as an MLflow PyTorch model of the run, ready to register:
+    a torchvision ResNet with fc = Identity (input (N, 3, H, W) normalised float32 images,
+    output (N, features)) holding the exported weights, its pip requirements given
+    explicitly; the run's metrics of `epoch` are linked to it. Returns its models:/ URI, or
+    None (with a warning) when logging it failed: the file artifact is logged already."""
+    from gaelle_ray.model.backbone import build_backbone
+
+    backbone = build_backbone(arch)
+    backbone.load_state_dict({k: v for k, v in exported.items() if not k.startswith("fc.")}, strict=True)
+    backbone.eval()
+    try:
+        return tracking.log_torch_model(uri, run_id, backbone, name=BACKBONE_MODEL, step=epoch,
+                                        output_dim=backbone.num_features, params={"arch": arch, "epoch": epoch})
+    except Exception as exc:  # a store without model support, a full disk: the run itself is fine
+        log.warning("the backbone was not logged as an MLflow model (it is logged as a file): %s: %s",
+                    type(exc).__name__, exc)
+        return None
+
+
 def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint: str, uri: str, run_id: str) -> None:
     """From the newest checkpoint: the backbone exported as a torchvision state dict, the loss
     curves, and the attention maps of a few validation images (PNG), into MLflow and into
@@ -197,8 +240,10 @@ def _log_final_artifacts(config: Config, ckpt: ray.train.Checkpoint, checkpoint:
         model = build_model(config)
         load_state_strict(model, storage.worker_model_state(state, checkpoint), checkpoint)
         path = Path(tmp) / f"backbone_{config.model.arch}.pth"
-        torch.save(export_backbone(model), path)
+        exported = export_backbone(model)
+        torch.save(exported, path)
         tracking.log_artifact(uri, run_id, path)
+        log_backbone_model(config.model.arch, exported, uri, run_id, epoch=int(meta["epoch"]))
 
         run_dir = storage.normalise(config.train.run_dir)
         pictures = Path(tmp if storage.is_remote(run_dir) else run_dir) / "pictures"

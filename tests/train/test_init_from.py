@@ -153,6 +153,7 @@ def test_a_missing_init_from_is_refused_before_ray_starts(tmp_path, monkeypatch,
         raise _RayStarted
 
     monkeypatch.setattr(trainer, "init_ray", no_ray)
+    monkeypatch.setattr(trainer, "check_pretrain_inputs", lambda *a, **k: None)  # no shards here (tests/test_preflight.py)
     missing = tmp_path / "nowhere" / "epoch_00009"
     config = _config(tmp_path, **{"train.init_from": str(missing)})
     with pytest.raises(ValueError, match=f"train.init_from = '{missing}': no such file or folder"):
