@@ -73,14 +73,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     from gaelle_ray.train.trainer import PretrainStopped, pretrain
 
     try:
-        result = pretrain(config, resume=args.resume, address=config.ray.address)
+        result = pretrain(config, resume=args.resume, address=config.ray.address, config_file=args.config,
+                          overrides=overrides)
     except PretrainStopped as exc:
         print(f"gaelle pretrain: {exc}", file=sys.stderr)
         return 3
     print(f"pretraining finished: newest checkpoint {result.checkpoint}")
     print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
-    if result.tracking_uri.startswith("sqlite:///"):
-        print(f"open the MLflow UI with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    from gaelle_ray.tracking import ui_hint
+    print(ui_hint(result.tracking_uri, result.mlflow_run_id))
     return 0
 
 
@@ -88,6 +89,9 @@ def _sweep(args: argparse.Namespace) -> int:
     from gaelle_ray.tune import load_sweep, run_sweep
 
     spec = load_sweep(args.config)
+    from gaelle_ray.preflight import check_location, check_pretrain_inputs
+    check_pretrain_inputs(spec.base)
+    check_location(spec.storage, f"{args.config}: storage")
     result = run_sweep(spec, resume=args.resume, address=args.address or "")
     print(f"{len(result.trials)} trials:")
     for t in result.trials:
@@ -96,11 +100,21 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"  {t['params']}: {state}")
     print(f"best fast linear-probe mAP {result.best_map:.4f}; its config: {result.best_config_path}")
     print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+    from gaelle_ray.tracking import ui_hint
+    print(ui_hint(result.tracking_uri, result.parent_run_id))
     return 0
 
 
 def _show_attention(args: argparse.Namespace) -> int:
+    import os
+
+    from gaelle_ray.preflight import InputError, check_checkpoint
     from gaelle_ray.viz import show_attention
+
+    check_checkpoint(args.checkpoint)
+    missing = [p for p in args.images if not os.path.exists(p)]
+    if missing:
+        raise InputError(f"--images: no such file or folder: {', '.join(missing)}")
 
     paths = show_attention(args.checkpoint, args.images, args.out, arch=args.arch, image_size=args.image_size)
     for path in paths:
@@ -130,6 +144,8 @@ def _eval_config(args: argparse.Namespace):
     from gaelle_ray.config import Config
     from gaelle_ray.eval.checkpoints import read_meta, resolve_checkpoint
 
+    from gaelle_ray.preflight import check_checkpoint
+    check_checkpoint(args.checkpoint)
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a run folder: its newest checkpoint
     if args.config:
         config = load_config(args.config)
@@ -148,6 +164,7 @@ def _linear_eval(args: argparse.Namespace) -> int:
     from gaelle_ray.eval.linear import run_linear_eval
 
     config = _eval_config(args)
+    _check_eval_data(args, config)
     result = run_linear_eval(args.checkpoint, args.dataset, args.data, config, fast=args.fast,
                              allow_overlap=args.allow_overlap or None, num_workers=args.num_workers)
     _print_eval(result)
@@ -158,11 +175,25 @@ def _semisup(args: argparse.Namespace) -> int:
     from gaelle_ray.eval.semisup import run_semisup
 
     config = _eval_config(args)
+    _check_eval_data(args, config)
     kwargs = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
     result = run_semisup(args.checkpoint, args.percent, args.data, config, dataset=args.dataset,
                          allow_overlap=args.allow_overlap or None, seed=args.seed, **kwargs)
     _print_eval(result)
     return 0
+
+
+def _check_eval_data(args: argparse.Namespace, config) -> None:
+    """The evaluation shards and both of their splits, before anything starts; the console
+    then without Ray's and MLflow's informational lines."""
+    from gaelle_ray.preflight import check_shards
+    from gaelle_ray.ray_setup import quiet_console
+
+    key = "--data" if args.data else "eval.data"
+    data = args.data or config.eval.data
+    check_shards(data, key, config.eval.train_split)
+    check_shards(data, key, config.eval.test_split)
+    quiet_console()
 
 
 def _print_eval(result: dict) -> None:
@@ -177,6 +208,9 @@ def _print_eval(result: dict) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from gaelle_ray.demo import run_demo
+    from gaelle_ray.preflight import check_location
+
+    check_location(args.out, "--out")
 
     run_demo(args.out, overrides=args.overrides)
     return 0

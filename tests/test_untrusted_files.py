@@ -76,7 +76,11 @@ def test_cli_commands_refuse_a_crafted_checkpoint(command, kind, tmp_path, monke
         checkpoint = _crafted_file(tmp_path / "evil.pth", marker)
     else:
         checkpoint = _crafted_folder(tmp_path / "run" / "train" / "epoch_00000", marker)
-    if command[0] != "show-attention":
+    if command[0] == "show-attention":  # a real image: the inputs are checked before the checkpoint is read
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(tmp_path / "x.jpg")
+    else:
         from gaelle_ray.data.prepare import prepare_toy
 
         prepare_toy(tmp_path / "shards", n_train=8, n_val=4, image_size=32, seed=0)
