@@ -1,6 +1,7 @@
 """The local debugging flow, for real: `ray start --head` on loopback with token
 authentication on, `ray job submit` of a one-epoch toy pretraining, SUCCEEDED, checkpoint
-and MLflow run present, then `ray stop`.
+and MLflow run present. The head gets its own temp dir and ports, and the test stops only
+the processes of that head (not `ray stop`, which stops every Ray instance on the host).
 
 Token authentication is chosen explicitly: RAY_AUTH_MODE=token and a token in
 RAY_AUTH_TOKEN for both the cluster and the job client (what the README tells users)."""
@@ -11,6 +12,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,16 +37,19 @@ def _run(args, env, timeout=120, check=True):
                           timeout=timeout, check=check)
 
 
-def test_ray_start_then_job_submit_pretraining(tmp_path):
+def test_ray_start_then_job_submit_pretraining(tmp_path, own_processes):
     shards = tmp_path / "shards"
     prepare_toy(str(shards), n_train=64, n_val=16, image_size=64, seed=0)
     run_dir = tmp_path / "run"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, client, agent, agent_grpc, metrics = (_free_port() for _ in range(6))
+    temp_dir = tempfile.mkdtemp(prefix="gr-", dir="/tmp")  # short: Ray's socket paths live under it
     _run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4",
-          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"], env, timeout=180)
+          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+          f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}", "--disable-usage-stats"], env, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     try:
         # without the token the job server refuses the client
@@ -76,5 +81,7 @@ def test_ray_start_then_job_submit_pretraining(tmp_path):
         run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
         uri = f"sqlite:///{run_dir.resolve()}/mlflow.db"
         assert [s for s, _ in tracking.metric_history(uri, run_id, "epoch_loss")] == [0]
-    finally:
-        _run(["ray", "stop", "--force"], env, timeout=120, check=False)
+    finally:  # this head's processes (their command lines name its temp dir) and what they started
+        head = own_processes.mentioning(temp_dir)
+        own_processes.stop(sorted(set(head) | set(own_processes.descendants(head))))
+        assert not own_processes.mentioning(temp_dir)

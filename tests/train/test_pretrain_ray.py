@@ -85,6 +85,8 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     assert (tmp_path / "run" / "pictures" / "loss_curves.png").is_file()
     local = client.download_artifacts(result.mlflow_run_id, "backbone_resnet18.pth", str(tmp_path))
     torchvision.models.resnet18().load_state_dict(torch.load(local), strict=True)
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # rank 0's system metrics, up to the loop's end
+    assert [o.step for o in client.get_run(result.mlflow_run_id).outputs.model_outputs] == [1]  # backbone model
 
     # a new run in the same directory is refused; --resume continues it with one worker
     with pytest.raises(ValueError, match="already holds a run"):
@@ -100,21 +102,14 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     assert _epoch_history(resumed, "epoch_online_map") == [0, 1, 2]
 
 
-def _train_worker_pids():
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
-        except OSError:
-            continue
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(int(pid))
-    return sorted(pids)
+def _our_train_workers(own_processes):
+    """The training workers of the Ray instance this test module started (below this
+    process), never another Ray's on the same machine."""
+    return [pid for pid in own_processes.descendants([os.getpid()])
+            if own_processes.cmdline(pid).startswith("ray::RayTrainWorker")]
 
 
-def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shards, tmp_path):
+def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shards, tmp_path, own_processes):
     config = _config(shards, tmp_path / "run", **{"train.epochs": 3, "train.max_failures": 2})
     marker = tmp_path / "run" / "train" / "epoch_00000" / "meta.json"
     killed = []
@@ -124,7 +119,7 @@ def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shar
         while time.time() < deadline and not marker.exists():
             time.sleep(0.2)
         time.sleep(1.5)  # into epoch 1
-        pids = _train_worker_pids()
+        pids = _our_train_workers(own_processes)
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
