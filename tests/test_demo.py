@@ -98,6 +98,7 @@ def test_short_demo_end_to_end(tmp_path, capfd):
     for row in ("GAELLE pretrained", "random init", "margin", "online k-NN mAP", "online linear mAP"):
         assert row in out, row
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "/runs?workflowType=machine_learning&viewStateShareKey=gaelle" in out  # opens on the runs table
     assert (tmp_path / "demo" / "run" / "mlflow.db").is_file()
     assert result.map_pretrained - result.map_random >= MARGIN, (result.map_pretrained, result.map_random)
     online = result.online

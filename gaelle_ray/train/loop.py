@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -43,7 +44,7 @@ from gaelle_ray.model import build_model
 from gaelle_ray.model.norm import convert_group_batchnorm
 from gaelle_ray.progress import worker_bar
 from gaelle_ray.ray_setup import quiet_train_worker_console
-from gaelle_ray.storage import checkpoint_name, load_checkpoint, save_checkpoint
+from gaelle_ray.storage import checkpoint_name, is_remote, load_checkpoint, save_checkpoint
 from gaelle_ray.train.checkpoint import queues_for_rank, write_stop_reason
 from gaelle_ray.train.collapse import collapse_check, online_collapse_check
 from gaelle_ray.train.init_from import apply_init_from
@@ -157,7 +158,9 @@ def open_run_logger(worker: Worker, tracking_uri: str, run_id: str) -> None:
         return
     from gaelle_ray.tracking import RunLogger
 
-    worker.logger = RunLogger(tracking_uri, run_id)
+    run_dir = worker.config.train.run_dir  # what a tracking outage holds back stays with the run when it is local
+    worker.logger = RunLogger(tracking_uri, run_id,
+                              unsent_dir=None if is_remote(run_dir) else Path(run_dir) / "mlflow_unsent")
     device = worker.device
     worker.logger.set_tags({"world_size": worker.world,
                             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
