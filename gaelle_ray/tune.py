@@ -27,7 +27,13 @@ one of those keys gets a warning naming them. A trial whose collapse watch fires
 once (`train.collapse_action: stop` is forced) and reports `collapsed`. MLflow: one parent
 run per sweep, one child run per trial (params, curves, final mAP); the best trial's config
 is written as a ready-to-run experiment YAML.
-`--resume` continues a stopped sweep without rerunning finished trials.
+`--resume` continues a stopped or killed sweep (the driver's machine lost, say) under the same
+MLflow parent run (kept in `<storage>/<name>/mlflow_parent.txt`): finished trials are not
+rerun, and a trial that was running continues from its newest checkpoint in its folder
+`<storage>/<name>/trials/<trial id>`, in the same MLflow child run. Tune saves its view of the
+trials every few seconds only, so a trial writes its final report (`trial_result.json`) into its
+folder before reporting it: one that finished after Tune's last save reports that again
+instead of training again.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune
@@ -53,6 +60,7 @@ log = logging.getLogger(__name__)
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "base", "set", "space", "num_samples", "max_concurrent", "storage", "scheduler", "metric")
 OBJECTIVE = "map"
+FINAL_RECORD = "trial_result.json"  # a finished trial's final report, in its folder
 TRIAL_CPU = 0.1  # what a trial's own process reserves
 PRUNE_METRIC, PRUNE_MODE = "online_map", "max"  # ASHA's default
 # keys that change what a loss value means: a loss is not comparable across their values
@@ -202,20 +210,32 @@ def run_trial(tune_config: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     trial_dir = os.path.join(meta["trials_dir"], trial_id)  # a resumed trial keeps its MLflow run (and name)
     config = trial_config(meta["base"], params, trial_dir, meta["tracking_uri"], trial_run_name(params, trial_id))
-    resume = Path(trial_dir, "train").exists()
+    done = storage.read_json(trial_dir, FINAL_RECORD)
+    if done is not None:  # finished before the sweep's driver died, after Tune's last save: not rerun
+        tune.report(done)
+        return
+    fs, path = storage.resolve(trial_dir)  # an earlier attempt: continue its newest checkpoint and MLflow run
+    resume = fs.get_file_info(path).type != pafs.FileType.NotFound
     try:
         result = pretrain(config, resume=resume, parent_run_id=meta["parent_run_id"],
                           callbacks=[TuneReportCallback()], check_budget=False)
     except PretrainStopped as exc:
-        tune.report({OBJECTIVE: 0.0, "collapsed": True, "stopped": str(exc), "epoch": config.train.epochs})
+        _report_final(trial_dir, {OBJECTIVE: 0.0, "collapsed": True, "stopped": str(exc), "epoch": config.train.epochs})
         return
     evaluation = run_linear_eval(result.checkpoint, config.eval.dataset, config.eval.data or config.data.shards,
                                  config, fast=True, allow_overlap=True, parent_run_id=result.mlflow_run_id)
     score = float(evaluation["map_final"])
     tracking.RunLogger(result.tracking_uri, result.mlflow_run_id).log_metrics({OBJECTIVE: score}, step=0)
-    tune.report({OBJECTIVE: score, "map_best": float(evaluation.get("map_best", score)), "collapsed": False,
-                 "epoch": config.train.epochs, **{k: v for k, v in result.metrics.items()
-                                                  if isinstance(v, (int, float)) and k != "epoch"}})
+    _report_final(trial_dir, {OBJECTIVE: score, "map_best": float(evaluation.get("map_best", score)), "collapsed": False,
+                              "epoch": config.train.epochs, **{k: v for k, v in result.metrics.items()
+                                                               if isinstance(v, (int, float)) and k != "epoch"}})
+
+
+def _report_final(trial_dir: str, result: dict) -> None:
+    """A trial's last report, written first to <trial_dir>/trial_result.json (a temporary
+    file renamed: never half written), so a restored sweep reports it again, not retrains."""
+    storage.write_json(trial_dir, FINAL_RECORD, result)
+    tune.report(result)
 
 
 def _scheduler(spec: SweepSpec):
@@ -253,6 +273,10 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
     experiment_path = f"{root.rstrip('/')}/{spec.name}"
     uri = sweep_tracking_uri(spec)
     tracking.check_reachable(uri)
+    restorable = resume and tune.Tuner.can_restore(experiment_path)
+    if resume and not restorable:
+        log.warning("--resume: no sweep to continue in %s (no Tune state there); starting sweep %s from the start",
+                    experiment_path, spec.name)
     parent_file = Path(root) / spec.name / "mlflow_parent.txt" if not storage.is_remote(root) else None
     parent_run_id = parent_file.read_text().strip() if resume and parent_file and parent_file.is_file() else ""
     if not parent_run_id:
@@ -274,7 +298,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
     # the trial function only drives a TorchTrainer (whose workers reserve their own CPUs);
     # Tune refuses an empty request, so it holds a tenth of a CPU
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
-    if resume and tune.Tuner.can_restore(experiment_path):
+    if restorable:  # trial ids (and so folders) are kept; unfinished and errored trials run again
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
         space = param_space(spec)
