@@ -1,7 +1,6 @@
 """Two gloo processes equal one process on the concatenated batch: Sinkhorn codes and the
 per-position BatchNorm of the semantic attention (with one collective, not one per position)."""
 
-import copy
 import os
 import socket
 

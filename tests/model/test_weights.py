@@ -1,6 +1,5 @@
 """Strict loading, the released-script importer and the torchvision exporter."""
 
-import copy
 
 import pytest
 import torch

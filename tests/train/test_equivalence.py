@@ -7,7 +7,6 @@ dozen BatchNorms, differ by ~0.3% between any two summation orders (measured: 2.
 relative for conv1 vs 6e-6 for layer4), which would hide a real mismatch. In float64 the
 only float32 left is Sinkhorn (method.md), and both sides agree to ~1e-7."""
 
-import copy
 import os
 import socket
 
