@@ -28,7 +28,7 @@ once (`train.collapse_action: stop` is forced) and reports `collapsed`. MLflow: 
 run per sweep, one child run per trial (params, curves, final mAP); the best trial's config
 is written as a ready-to-run experiment YAML.
 `--resume` continues a stopped or killed sweep (the driver's machine lost, say) under the same
-MLflow parent run (kept in `<storage>/<name>/mlflow_parent.txt`): finished trials are not
+MLflow parent run (kept in `<storage>/<name>/mlflow_parent.json`): finished trials are not
 rerun, and a trial that was running continues from its newest checkpoint in its folder
 `<storage>/<name>/trials/<trial id>`, in the same MLflow child run. Tune saves its view of the
 trials every few seconds only, so a trial writes its final report (`trial_result.json`) into its
@@ -61,6 +61,7 @@ SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_KEYS = ("name", "base", "set", "space", "num_samples", "max_concurrent", "storage", "scheduler", "metric")
 OBJECTIVE = "map"
 FINAL_RECORD = "trial_result.json"  # a finished trial's final report, in its folder
+PARENT_FILE = "mlflow_parent.json"  # the sweep's MLflow parent run id, in <storage>/<name> (local or remote)
 TRIAL_CPU = 0.1  # what a trial's own process reserves
 PRUNE_METRIC, PRUNE_MODE = "online_map", "max"  # ASHA's default
 # keys that change what a loss value means: a loss is not comparable across their values
@@ -277,17 +278,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, address: str = "") -> Sw
     if resume and not restorable:
         log.warning("--resume: no sweep to continue in %s (no Tune state there); starting sweep %s from the start",
                     experiment_path, spec.name)
-    parent_file = Path(root) / spec.name / "mlflow_parent.txt" if not storage.is_remote(root) else None
-    parent_run_id = parent_file.read_text().strip() if resume and parent_file and parent_file.is_file() else ""
+    saved = storage.read_json(experiment_path, PARENT_FILE) if resume else None
+    parent_run_id = saved["run_id"] if saved else ""
     if not parent_run_id:
         parent_run_id = tracking.start_run(
             uri, spec.base.tracking.experiment, f"sweep-{spec.name}",
             {"sweep.file": spec.source, "sweep.base": spec.base_path, "sweep.num_samples": spec.num_samples,
              **{f"space.{k}": v for k, v in spec.space.items()}, **{f"set.{k}": v for k, v in spec.fixed.items()}},
             {**tracking.version_tags(), "job": "sweep"})
-        if parent_file:
-            parent_file.parent.mkdir(parents=True, exist_ok=True)
-            parent_file.write_text(parent_run_id)
+        storage.write_json(experiment_path, PARENT_FILE, {"run_id": parent_run_id})
 
     tc = spec.base.train
     needed = tc.num_workers * spec.base.ray.num_cpus_per_worker + 2 * spec.base.data.crop_cpus + TRIAL_CPU

@@ -150,7 +150,7 @@ def test_killed_sweep_resumes_without_rerunning(tmp_path, own_processes):
         assert latest_epoch(str(second / "train")) == _recorded_epoch(second / "train") == newest, \
             "killed between a checkpoint and Ray Train's record of it (rare: rerun)"
 
-        parent_id = (experiment / "mlflow_parent.txt").read_text().strip()
+        parent_id = json.loads((experiment / "mlflow_parent.json").read_text())["run_id"]
         first_files, first_id = _files(first), _run_id(first)
         second_done, second_id = _files(second / "train"), _run_id(second)
         second_done = {k: v for k, v in second_done.items() if k.startswith("epoch_")}
@@ -180,7 +180,7 @@ def test_killed_sweep_resumes_without_rerunning(tmp_path, own_processes):
     assert state["worker"]["iteration"] == 3 * N_TRAIN // BATCH
     assert [s for s, _ in tracking.metric_history(uri, second_id, "epoch_loss")] == [0, 1, 2]
     # the same parent run, and one run per trial under it
-    assert (experiment / "mlflow_parent.txt").read_text().strip() == parent_id
+    assert json.loads((experiment / "mlflow_parent.json").read_text())["run_id"] == parent_id
     assert f"MLflow parent run {parent_id} in" in output
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
