@@ -46,6 +46,11 @@ class DataConfig:
     # same order on every run, so a resumed run repeats an uninterrupted one exactly; costs
     # head-of-line blocking (a finished crop task waits for slower ones before it)
     preserve_order: bool = False
+    # a shard that cannot be read during the run (deleted, truncated or changed after `gaelle
+    # prepare`): stop = the run stops at once, naming the shard, and keeps its checkpoints (fix
+    # the data, then --resume); skip = its rows are dropped with an error line naming it, and
+    # a (re)start leaves unreadable shards out of the epoch
+    bad_shard_action: str = "stop"
 
 
 MEAN = (0.485, 0.456, 0.406)  # per-channel normalisation of the crops (augmentation.mean default)
@@ -309,6 +314,17 @@ class RayConfig:
     address: str = ""  # "" = a new local instance, "auto" = a running cluster, or ray://...
     num_cpus_per_worker: float = 1.0
     storage_path: str = ""  # Ray Train storage ("" = train.run_dir)
+    # the train workers' placement group (Ray's ScalingConfig.placement_strategy): PACK = as
+    # few nodes as possible; SPREAD = on different nodes where they fit (a lost node then
+    # takes fewer workers with it); STRICT_* = exactly so, or the workers wait for nodes
+    placement_strategy: str = "PACK"
+
+    PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # not a field: no annotation
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy not in self.PLACEMENT_STRATEGIES:
+            raise ValueError(f"ray.placement_strategy: must be one of {', '.join(self.PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass(frozen=True)
@@ -391,6 +407,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_res
 PRECISIONS = ("bf16", "fp16", "fp32")
 EVAL_DATASETS = ("coco", "voc", "toy")
 COLLAPSE_ACTIONS = ("warn", "stop")
+BAD_SHARD_ACTIONS = ("stop", "skip")
 
 
 def _plain(value: Any) -> Any:
@@ -628,6 +645,9 @@ def validate(config: Config, source: str = "<config>") -> None:
         fail("train.compile_backend", "must name a torch.compile backend (e.g. inductor)")
     if config.eval.precision not in PRECISIONS:
         fail("eval.precision", f"must be one of {', '.join(PRECISIONS)}, got {config.eval.precision!r}")
+    if config.data.bad_shard_action not in BAD_SHARD_ACTIONS:
+        fail("data.bad_shard_action", f"must be one of {', '.join(BAD_SHARD_ACTIONS)}, "
+             f"got {config.data.bad_shard_action!r}")
     if train.collapse_action not in COLLAPSE_ACTIONS:
         fail("train.collapse_action", f"must be one of {', '.join(COLLAPSE_ACTIONS)}, "
              f"got {train.collapse_action!r}")

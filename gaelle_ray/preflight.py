@@ -88,6 +88,30 @@ def check_checkpoint(path: str, key: str = "--checkpoint") -> None:
             raise InputError(f"{key} {exc}") from None
 
 
+def check_shard_files(config) -> None:
+    """Every shard file of the pretraining split is there (one folder listing per folder):
+    a shard deleted after `gaelle prepare` is named before Ray starts. InputError otherwise."""
+    import pyarrow.fs as pafs
+
+    from gaelle_ray.data.pipeline import split_shards
+
+    missing = []
+    folders: dict[str, set] = {}
+    for path, _ in split_shards(config):
+        folder, name = path.rsplit("/", 1)
+        if folder not in folders:
+            fs, inner = storage.resolve(folder)
+            infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+            folders[folder] = {i.base_name for i in infos if i.type == pafs.FileType.File}
+        if name not in folders[folder]:
+            missing.append(path)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InputError(f"data.shards = {config.data.shards!r}: shard {missing[0]}{more} of split "
+                         f"{config.data.split!r} is missing (deleted after `gaelle prepare`?); prepare the shards "
+                         "again, or set data.bad_shard_action=skip to train without them")
+
+
 def check_pretrain_inputs(config, resume: bool = False) -> None:
     """What `gaelle pretrain` reads before any worker starts: the pretraining shards and a
     split that fills at least one global batch, the online evaluation's shards, and the
@@ -96,6 +120,8 @@ def check_pretrain_inputs(config, resume: bool = False) -> None:
 
     dc, tc = config.data, config.train
     check_shards(dc.shards, "data.shards", dc.split)
+    if dc.bad_shard_action == "stop":  # with skip, the stream leaves them out itself (with a warning)
+        check_shard_files(config)
     try:
         steps_per_epoch(config, count_rows(config), tc.num_workers)
     except (ValueError, FileNotFoundError) as exc:

@@ -173,9 +173,10 @@ def build_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any
                         storage_path: str, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                         keep_checkpoints: int | None = None, max_failures: int = 0,
                         callbacks: Sequence[Any] = (), datasets: dict[str, Any] | None = None,
-                        dataset_config: Any = None) -> TorchTrainer:
+                        dataset_config: Any = None, placement_strategy: str = "PACK") -> TorchTrainer:
     """A TorchTrainer running `loop(loop_config)` on `num_workers` workers of
-    `cpus_per_worker` CPUs (and one GPU each when use_gpu; nccl then, gloo otherwise).
+    `cpus_per_worker` CPUs (and one GPU each when use_gpu; nccl then, gloo otherwise),
+    placed by Ray's `placement_strategy` (ray.placement_strategy: PACK, SPREAD, STRICT_*).
 
     name / storage_path: Ray Train's run folder (<storage_path>/<name>), where checkpoints
     go; keep_checkpoints: how many Ray keeps (None = all); max_failures: worker-group
@@ -187,7 +188,8 @@ def build_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker={"CPU": cpus_per_worker},
+                                               placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+STATE_BYTES = "state_bytes"  # meta.json key: the size of state.pt, to tell a complete copy
 CHECKPOINT_PREFIX = "epoch_"
 RUN_ID_FILE = "mlflow_run.json"  # the pretraining run's MLflow id, in train.run_dir
 
@@ -78,11 +79,17 @@ def file_exists(uri: str | os.PathLike) -> bool:
 
 
 def write_json(uri: str, name: str, payload: Any) -> None:
-    """Write `name` (JSON) into the folder `uri`, local or remote (the folder is created)."""
+    """Write `name` (JSON) into the folder `uri`, local or remote (the folder is created).
+    Written whole or not at all: into a temporary name first, then moved over `name`, so a
+    reader never sees half a file, even with several writers (e.g. every worker of a run)."""
+    import uuid
+
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{name}") as out:
+    tmp = f"{path}/.{name}.{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(tmp) as out:
         out.write(json.dumps(payload).encode())
+    fs.move(tmp, f"{path}/{name}")
 
 
 def read_json(uri: str, name: str) -> Any | None:
@@ -111,12 +118,15 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write state.pt then meta.json into the local folder `directory` (created)."""
+    """Write state.pt then meta.json into the local folder `directory` (created). meta.json
+    also records state.pt's size (`state_bytes`): a copy of the folder (Ray's upload) is
+    complete only when both are there and the sizes agree (checkpoint_epochs)."""
     import torch
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / STATE_FILE)
+    meta = {**meta, STATE_BYTES: (directory / STATE_FILE).stat().st_size}
     (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return directory
 
@@ -162,8 +172,23 @@ def read_meta_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
 
 
+def _complete(fs: pafs.FileSystem, folder: str) -> bool:
+    """meta.json reads, and state.pt is there with the size meta.json records (when it does:
+    checkpoints written before it did count when both files are there)."""
+    try:
+        with fs.open_input_stream(f"{folder}/{META_FILE}") as src:
+            meta = json.loads(src.read().decode())
+        state = fs.get_file_info(f"{folder}/{STATE_FILE}")
+    except (OSError, ValueError):
+        return False
+    if state.type != pafs.FileType.File:
+        return False
+    return not isinstance(meta, dict) or STATE_BYTES not in meta or state.size == meta[STATE_BYTES]
+
+
 def checkpoint_epochs(run_uri: str) -> list[int]:
-    """Epochs of the complete checkpoint folders directly under a run's folder, ascending."""
+    """Epochs of the complete checkpoint folders directly under a run's folder, ascending
+    (complete: a folder caught half uploaded, e.g. by a kill, does not count)."""
     try:
         fs, path = resolve(run_uri)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -173,7 +198,7 @@ def checkpoint_epochs(run_uri: str) -> list[int]:
     for info in infos:
         name, digits = info.base_name, info.base_name[len(CHECKPOINT_PREFIX):]
         if info.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX) and digits.isdigit():
-            if fs.get_file_info(f"{info.path}/{META_FILE}").type == pafs.FileType.File:
+            if _complete(fs, info.path):
                 epochs.append(int(digits))
     return sorted(epochs)
 

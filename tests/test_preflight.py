@@ -122,3 +122,25 @@ def test_the_console_sees_one_line_and_no_ray(tmp_path):
         "prepare did not finish); make shards with `gaelle prepare {coco,voc,folder,toy} --out DIR` and point "
         "data.shards at DIR"]
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_a_shard_deleted_after_prepare_is_named_before_ray_starts(tmp_path, capsys, no_ray):
+    import shutil
+
+    from gaelle_ray.config import load_config
+    from gaelle_ray.preflight import check_pretrain_inputs
+
+    src = tmp_path / "src"
+    prepare_toy(str(src), n_train=64, n_val=8, image_size=64, seed=0, shard_size=16)  # 4 train shards
+    copy = tmp_path / "shards"
+    shutil.copytree(src, copy)
+    gone = copy / "train" / "part-00002.parquet"
+    gone.unlink()
+    base = ["pretrain", "--config", DEMO, "--set", f"train.run_dir={tmp_path / 'run'}", "--set", f"data.shards={copy}"]
+    _fails(capsys, base, f"shard {gone} of split 'train' is missing", "data.bad_shard_action=skip")
+    assert not (tmp_path / "run").exists()
+    # with skip, the stream leaves it out itself: the check lets the run start
+    config = load_config(DEMO, [f"data.shards={copy}", "data.bad_shard_action=skip", "train.num_workers=1",
+                                "train.batch_size_per_worker=8", f"train.run_dir={tmp_path / 'run'}",
+                                "eval.online_every_epochs=0"])
+    check_pretrain_inputs(config)

@@ -97,7 +97,8 @@ def test_save_and_load_checkpoint(tmp_path):
     folder = storage.save_checkpoint(tmp_path / "run" / storage.checkpoint_name(7), state, {"epoch": 7})
     assert sorted(p.name for p in folder.iterdir()) == [storage.META_FILE, storage.STATE_FILE]
     loaded, meta = storage.load_checkpoint(folder)
-    assert meta == {"epoch": 7} and loaded["history"] == [1.5]
+    assert meta == {"epoch": 7, "state_bytes": (folder / storage.STATE_FILE).stat().st_size}
+    assert loaded["history"] == [1.5]
     assert torch.equal(loaded["worker"]["model"]["w"], torch.arange(3.0))
     (folder / storage.STATE_FILE).unlink()
     with pytest.raises(ValueError, match="not a complete gaelle checkpoint"):
@@ -154,7 +155,7 @@ def test_remote_folder_and_file(remote):
         assert not str(local).startswith(str(remote))  # a copy
         assert sorted(p.name for p in local.iterdir()) == [storage.META_FILE, storage.STATE_FILE]
         state, meta = storage.load_checkpoint(local)
-        assert meta == {"epoch": 4} and state == {"worker": {"model": {}}}
+        assert meta["epoch"] == 4 and state == {"worker": {"model": {}}}
     assert not local.exists()  # the temporary copy is gone afterwards
     with storage.local_copy("fake://backbone.pth") as local:
         assert local.name == "backbone.pth" and local.read_bytes() == b"weights"

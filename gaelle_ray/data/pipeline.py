@@ -83,6 +83,21 @@ dropped but rolls over). Consequences, by design:
 - skipped (corrupt) records shorten the stream; if it runs dry before
   ``num_epochs * steps_per_epoch`` batches, :class:`StreamExhaustedError` says so.
 
+Unreadable shards
+-----------------
+A shard that cannot be read while the stream runs (deleted, truncated or rewritten after
+``gaelle prepare``) is handled by ``data.bad_shard_action``:
+
+- ``stop`` (default): the crop task raises :class:`BadShardError` naming the shard, the rows
+  and the cause; the worker's :func:`epoch_batches` re-raises it as a plain
+  :class:`BadShardError` (Ray wraps task errors in its own exception types), and the
+  training loop stops the run with that message (its checkpoints are kept).
+- ``skip``: the item's rows are dropped with an error line naming the shard (they are not
+  counted in ``skipped``: an item with no row left has no row to carry the count), and a
+  stream built later (a restart or ``--resume``) leaves the shards it cannot open out of
+  the epoch (:func:`split_shards`), with a warning naming them. The rows lost before that
+  come out of the per-epoch slack; if the stream runs dry, :class:`StreamExhaustedError`.
+
 CPU budget (read this before sizing a cluster)
 ----------------------------------------------
 Ray Train workers hold their CPUs for the whole run. Ray Data tasks only run on the CPUs
@@ -112,6 +127,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
@@ -131,6 +147,7 @@ from gaelle_ray.data.shards import read_manifest, shard_uri
 __all__ = [
     "DEFAULT_ROWS_PER_ITEM",
     "MAX_INPUT_BLOCKS",
+    "BadShardError",
     "StreamBatch",
     "StreamExhaustedError",
     "StreamPlan",
@@ -169,12 +186,37 @@ def _seed(*values: int) -> np.random.SeedSequence:
 # ----------------------------------------------------------------------------- from the config
 
 
+class BadShardError(RuntimeError):
+    """A shard of the stream cannot be read (``data.bad_shard_action: stop``); the message
+    names the shard, the rows and the cause."""
+
+
+def shard_problem(path: str, rows: int | None = None) -> str | None:
+    """Why the shard at ``path`` cannot be used, or None: it opens, its Parquet footer reads,
+    and (when ``rows`` is given) it holds at least that many rows. Not cached."""
+    try:
+        fs, inner = storage.resolve(path)
+        with fs.open_input_file(inner) as f:
+            have = pq.read_metadata(f).num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return _first_line(exc)
+    if rows is not None and have < rows:
+        return f"it holds {have} rows, the manifest says {rows}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def split_shards(config) -> list[tuple[str, int]]:
     """``[(shard path or URI, rows used), ...]`` of ``data.split``, in manifest order.
 
     Honours ``data.max_images`` (the first N rows of the split; the last shard used may be
-    cut and later shards dropped). Raises ValueError when the split is not in the manifest
-    or has no rows.
+    cut and later shards dropped). With ``data.bad_shard_action: skip`` the shards that
+    cannot be opened are left out, with a warning naming them. Raises ValueError when the
+    split is not in the manifest or has no rows.
     """
     uri = config.data.shards
     manifest = read_manifest(uri)
@@ -184,6 +226,13 @@ def split_shards(config) -> list[tuple[str, int]]:
     if not shards:
         raise ValueError(f"data.split = {split!r}: no shards of that split in {uri} "
                          f"(splits: {sorted(manifest.get('counts', {}))})")
+    if getattr(config.data, "bad_shard_action", "stop") == "skip":
+        problems = {p: shard_problem(p, n) for p, n in shards}
+        bad = {p: why for p, why in problems.items() if why}
+        if bad:
+            logger.warning("data.bad_shard_action = skip: leaving out %d unreadable shard(s) of split %r: %s",
+                           len(bad), split, "; ".join(f"{p} ({why})" for p, why in bad.items()))
+            shards = [(p, n) for p, n in shards if p not in bad]
     limit = config.data.max_images
     if limit > 0:
         kept, left = [], limit
@@ -266,6 +315,7 @@ class StreamPlan:
     seed: int
     aug: AugmentationConfig
     decode: DecodeOptions = dataclasses.field(default_factory=DecodeOptions)
+    bad_shard_action: str = "stop"  # data.bad_shard_action: stop | skip
 
     @classmethod
     def from_config(cls, config, rows_per_item: int = DEFAULT_ROWS_PER_ITEM,
@@ -274,7 +324,8 @@ class StreamPlan:
         return cls(shards=tuple(p for p, _ in shards),
                    items=tuple(plan_items([n for _, n in shards], rows_per_item)),
                    seed=config.train.seed, aug=config.augmentation,
-                   decode=DecodeOptions() if decode is None else decode)
+                   decode=DecodeOptions() if decode is None else decode,
+                   bad_shard_action=config.data.bad_shard_action)
 
     @property
     def colour_in_stream(self) -> bool:
@@ -337,7 +388,18 @@ def crop_item(plan: StreamPlan, epoch: int, item: WorkItem) -> dict[str, np.ndar
     float16 normalised when ``plan.colour_in_stream``), ``epoch``, ``image_id``, ``skipped``
     (N,) int64.
     """
-    table = read_rows(plan.shards[item.shard], item.start, item.stop)
+    path = plan.shards[item.shard]
+    try:
+        table = read_rows(path, item.start, item.stop)
+    except (OSError, ValueError, pa.ArrowException) as exc:  # deleted, truncated or rewritten since prepare
+        _shard_file.cache_clear()  # its footer may be cached from before
+        message = (f"shard {path}, rows [{item.start}, {item.stop}) of epoch {epoch}, cannot be read "
+                   f"({_first_line(exc)})")
+        if plan.bad_shard_action == "skip":
+            logger.error("%s; data.bad_shard_action = skip: its %d rows are left out", message, len(item))
+            return _no_rows(plan)
+        raise BadShardError(f"{message}. Did it change after `gaelle prepare`? Prepare the shards again, or set "
+                            "data.bad_shard_action=skip to train without the rows it cannot read") from None
     jpegs = table.column("jpeg").to_pylist()
     ids = table.column("image_id").to_numpy(zero_copy_only=False).astype(np.int64)  # (R,)
     order = np.random.default_rng(
@@ -357,6 +419,14 @@ def crop_item(plan: StreamPlan, epoch: int, item: WorkItem) -> dict[str, np.ndar
                      "of this item are not counted in the stream's 'skipped' column",
                      plan.shards[item.shard], item.start, item.stop, skipped)
     return out
+
+
+def _no_rows(plan: StreamPlan) -> dict[str, np.ndarray]:
+    """crop_item's columns with N = 0 rows."""
+    dtype = np.float16 if plan.colour_in_stream else np.uint8
+    out = {f"crops_{r}": np.zeros((0, n, 3, s, s), dtype=dtype)
+           for r, (s, n) in enumerate(zip(plan.aug.size_crops, plan.aug.nmb_crops))}
+    return {**out, **{k: np.zeros(0, dtype=np.int64) for k in ("epoch", "image_id", "skipped")}}
 
 
 def crop_items(batch: Mapping[str, np.ndarray], plan: StreamPlan) -> dict[str, np.ndarray]:
@@ -448,6 +518,22 @@ class StreamBatch(NamedTuple):
     row_epochs: torch.Tensor
 
 
+def bad_shard_reason(exc: BaseException) -> str | None:
+    """The message of the :class:`BadShardError` a crop task raised, from the exception Ray
+    hands the consumer (a ``RayTaskError(UserCodeException)`` that is not an instance of it
+    and carries the task's traceback as text), or None when it is about something else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BadShardError):
+            return str(exc)
+        found = re.search(rf"{BadShardError.__name__}: (.+)", str(exc))
+        if found:
+            return found.group(1).strip()
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _crop_major(x: torch.Tensor) -> torch.Tensor:
     """(B, n_r, 3, S, S) -> (n_r * B, 3, S, S), crop k of image b at row k * B + b."""
     b, n, c, h, w = x.shape
@@ -488,13 +574,21 @@ def epoch_batches(iterator, batch_size: int, steps_per_epoch: int, num_epochs: i
         t0 = time.perf_counter()
         try:
             batch = next(batches)
+        except BadShardError:
+            raise
         except StopIteration:
             raise StreamExhaustedError(
                 f"the data stream ended after {i} batches of {batch_size} (epoch {epoch}, step "
                 f"{step}); expected {num_epochs} epochs x {steps_per_epoch} steps = {total}. "
                 "Either the stream was built for fewer epochs or rows than the loop runs, or "
-                "undecodable records (see the 'skipped' counts) used up the per-epoch "
-                "slack; rebuild the stream or lower steps_per_epoch") from None
+                "undecodable records (see the 'skipped' counts) or the rows of unreadable shards "
+                "(data.bad_shard_action = skip) used up the per-epoch slack; rebuild the stream (a "
+                "--resume leaves unreadable shards out) or lower steps_per_epoch") from None
+        except Exception as exc:  # Ray's wrapper of a crop task's error
+            reason = bad_shard_reason(exc)
+            if reason is None:
+                raise
+            raise BadShardError(reason) from None
         wait_s = time.perf_counter() - t0
         keys = keys or _crop_keys(batch)
         crops = [_crop_major(batch[k].to(device, non_blocking=True)) for k in keys]

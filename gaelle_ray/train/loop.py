@@ -13,6 +13,13 @@ A run that must stop (too many non-finite steps in a row, or a collapse with
 `train.collapse_action: stop`) reports `stopped` with the reason and returns normally, so
 Ray does not retry it; the driver turns it into a clear error. Worker crashes are left to
 Ray Train's FailureConfig, which restarts the workers from the newest checkpoint.
+
+A data failure seen by one worker only (a shard that cannot be read, with
+`data.bad_shard_action: stop`, or a stream that ran dry) cannot return normally: the other
+workers would wait for it in their next collective. That worker writes the stop record
+(`train/checkpoint.write_stop_reason`) and raises `DataStopped`; Ray Train ends the worker
+group, and a restarted group finds the record and returns at once (no retraining, no new
+checkpoint); the driver reads the record either way.
 """
 
 from __future__ import annotations
@@ -37,15 +44,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gaelle_ray.config import Config
-from gaelle_ray.data.pipeline import StreamBatch, count_rows, epoch_batches, steps_per_epoch
+from gaelle_ray.data.pipeline import (BadShardError, StreamBatch, StreamExhaustedError, count_rows, epoch_batches,
+                                     steps_per_epoch)
 from gaelle_ray.eval.online import OnlineProbe, OnlineSettings
 from gaelle_ray.losses.queue import per_worker_length
 from gaelle_ray.model import build_model
 from gaelle_ray.model.norm import convert_group_batchnorm
 from gaelle_ray.progress import worker_bar
 from gaelle_ray.ray_setup import quiet_train_worker_console
-from gaelle_ray.storage import checkpoint_name, is_remote, load_checkpoint, save_checkpoint
-from gaelle_ray.train.checkpoint import queues_for_rank, write_stop_reason
+from gaelle_ray.storage import (CHECKPOINT_PREFIX, META_FILE, STATE_FILE, checkpoint_name, is_remote, latest_epoch,
+                                load_checkpoint, local_copy, save_checkpoint)
+from gaelle_ray.storage import join as storage_join
+from gaelle_ray.train.checkpoint import queues_for_rank, read_stop_reason, write_stop_reason
 from gaelle_ray.train.collapse import collapse_check, online_collapse_check
 from gaelle_ray.train.init_from import apply_init_from
 from gaelle_ray.train.step import GaelleStepper, StepMetrics, TooManyNonFiniteSteps
@@ -74,6 +84,7 @@ class Worker:
     online: OnlineProbe | None = None  # the online evaluation, when eval.online_every_epochs > 0
     # {"baselines": every online metric of the random init, "latest": the newest evaluation}
     online_state: dict = field(default_factory=dict)
+    run_uri: str = ""  # the run's storage folder (its stop record), "" when not known (tests)
 
     @property
     def images_per_step(self) -> int:
@@ -106,8 +117,9 @@ def build_training_model(config: Config, device: torch.device, world: int):
     return model, forward_model, group
 
 
-def set_up_worker(config: Config) -> Worker:
-    """Device, seeds, model and stepper of this worker (inside a Ray Train worker group)."""
+def set_up_worker(config: Config, resuming: bool | None = None) -> Worker:
+    """Device, seeds, model and stepper of this worker (inside a Ray Train worker group).
+    resuming: a checkpoint will be restored (None: Ray hands one over)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available() and config.train.use_gpu
@@ -117,7 +129,9 @@ def set_up_worker(config: Config) -> Worker:
     _seed_everything(config.train.seed + rank)
     steps = steps_per_epoch(config, count_rows(config), world)
     model, forward_model, group = build_training_model(config, device, world)
-    apply_init_from(model, config, resuming=ray.train.get_checkpoint() is not None,
+    if resuming is None:
+        resuming = ray.train.get_checkpoint() is not None
+    apply_init_from(model, config, resuming=resuming,
                     say=write_progress_line if rank == 0 else None)
     stepper = GaelleStepper(model, config, device, group, world, rank, steps, forward_model)
     settings = OnlineSettings.from_config(config)
@@ -125,15 +139,35 @@ def set_up_worker(config: Config) -> Worker:
     return Worker(config, rank, world, device, group, steps, stepper, online=online)
 
 
-def restore(worker: Worker, checkpoint: ray.train.Checkpoint | None) -> int:
-    """Load the checkpoint Ray handed over (if any) into the worker; the epoch to start at.
+def checkpoint_to_restore(handed: ray.train.Checkpoint | None, run_uri: str) -> ray.train.Checkpoint | str | None:
+    """The checkpoint Ray handed over, or the run folder's newest complete checkpoint (its
+    path) when that one is newer: a kill between Ray's upload of a checkpoint and Ray's
+    record of it leaves Ray with the older one, while the stream starts after the newest
+    complete folder (trainer.make_stream_factory); the state must match the stream."""
+    newest = latest_epoch(run_uri) if run_uri else None
+    if newest is None:
+        return handed
+    name = Path(str(handed.path)).name if handed is not None else ""
+    handed_epoch = int(name[len(CHECKPOINT_PREFIX):]) if name[len(CHECKPOINT_PREFIX):].isdigit() else -1
+    if handed is not None and handed_epoch >= newest:
+        return handed
+    return storage_join(run_uri, checkpoint_name(newest))
+
+
+def restore(worker: Worker, checkpoint: ray.train.Checkpoint | str | None) -> int:
+    """Load a checkpoint (what checkpoint_to_restore chose: Ray's, or a folder's path or URI)
+    into the worker; the epoch to start at.
 
     The queues are re-split when the checkpoint was written by another number of workers."""
     if checkpoint is None:
         return 0
     config, batch, world = worker.config, worker.config.train.batch_size_per_worker, worker.world
-    with checkpoint.as_directory() as ckpt_dir:
-        state, meta = load_checkpoint(ckpt_dir)
+    if isinstance(checkpoint, str):
+        with local_copy(checkpoint, (STATE_FILE, META_FILE)) as ckpt_dir:
+            state, meta = load_checkpoint(ckpt_dir)
+    else:
+        with checkpoint.as_directory() as ckpt_dir:
+            state, meta = load_checkpoint(ckpt_dir)
     lengths = {"queue": per_worker_length(config.queue.queue_length, batch, world),
                "local_queue": per_worker_length(config.queue.local_queue_length, batch * config.num_slots, world)}
     queues = {name: queues_for_rank(state["queues"][name], worker.rank, world, lengths, name)
@@ -210,23 +244,32 @@ class EpochTally:
                     self.sums[key] += value
 
 
+class DataStopped(RuntimeError):
+    """This worker's data failed (the message says how); the run's stop record is written."""
+
+
 def run_epoch(worker: Worker, batches: Iterable[StreamBatch], epoch: int, bars: bool = False) -> EpochTally:
     """Run the steps of `epoch` over its batches; the step metrics every
     train.log_every_steps steps, with a progress line, or (bars: the driver is on a
     terminal; rank 0 only) a progress bar drawn on the driver whose label carries the loss.
-    Stops early (tally.stop_reason) after too many non-finite steps in a row."""
+    A skipped (non-finite) step gets a warning line naming its cause and, when its input
+    held non-finite values, the images. Stops early (tally.stop_reason) after too many
+    non-finite steps in a row; raises DataStopped when the stream fails (module docstring)."""
     tc, stepper = worker.config.train, worker.stepper
     tally: EpochTally | None = None
     bar = worker_bar(worker.steps, f"epoch {epoch + 1}/{tc.epochs}", unit="step") if bars else None
     try:
-        for item in batches:
+        for item in _stopping_on_data_errors(worker, batches, epoch):
             if tally is None:  # the epoch's clock starts before the wait for its first batch
                 tally = EpochTally(started=time.perf_counter() - item.wait_s)
             try:
-                m = stepper.step(item.crops, epoch, tc.epochs)
+                m = stepper.step(item.crops, epoch, tc.epochs, image_ids=item.image_ids)
             except TooManyNonFiniteSteps as exc:
                 tally.stop_reason = f"non-finite loss: {exc}"
                 return tally
+            if m.nonfinite and worker.rank == 0:
+                write_progress_line(f"WARNING epoch {epoch + 1}/{tc.epochs} iteration {stepper.iteration - 1} "
+                                    f"skipped: {m.skip_reason}")
             tally.add(item, m)
             done = item.step + 1
             if done % tc.log_every_steps == 0 or done == worker.steps:
@@ -239,6 +282,19 @@ def run_epoch(worker: Worker, batches: Iterable[StreamBatch], epoch: int, bars: 
     if tally is None:
         raise RuntimeError(f"epoch {epoch}: the stream gave no batch")
     return tally
+
+
+def _stopping_on_data_errors(worker: Worker, batches: Iterable[StreamBatch], epoch: int):
+    """`batches`, with an unreadable shard or a stream that ran dry turned into the run's
+    stop record and DataStopped (module docstring)."""
+    try:
+        yield from batches
+    except (BadShardError, StreamExhaustedError) as exc:
+        reason = str(exc) if isinstance(exc, BadShardError) else f"the data stream ran dry: {exc}"
+        write_progress_line(f"stopping (worker {worker.rank}): {reason}")
+        if worker.run_uri:
+            write_stop_reason(worker.run_uri, reason, epoch, worker.stepper.iteration)
+        raise DataStopped(reason) from None
 
 
 def _log_step(worker: Worker, tally: EpochTally, m: StepMetrics, epoch: int, done: int, bar=None) -> None:
@@ -420,8 +476,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quiet_train_worker_console()
     config = Config.from_dict(loop_config["config"], source="train_loop_config")
     tc = config.train
-    worker = set_up_worker(config)
-    start_epoch = restore(worker, ray.train.get_checkpoint())
+    if loop_config.get("run_uri") and read_stop_reason(loop_config["run_uri"]):
+        return  # a restart after a worker stopped the run (DataStopped): nothing more to train
+    checkpoint = checkpoint_to_restore(ray.train.get_checkpoint(), loop_config.get("run_uri", ""))
+    worker = set_up_worker(config, resuming=checkpoint is not None)
+    worker.run_uri = loop_config.get("run_uri", "")
+    start_epoch = restore(worker, checkpoint)
     open_run_logger(worker, loop_config.get("tracking_uri", ""), loop_config.get("run_id", ""))
     if start_epoch >= tc.epochs:
         return

@@ -9,6 +9,12 @@ device -> one backbone call per resolution under autocast -> queue scores -> los
 dropped while frozen -> LARC step (skipped by the GradScaler after an fp16 overflow, which
 then halves its scale) -> queues pushed.
 
+A skipped step (a non-finite loss on any worker, or non-finite gradients behind a finite
+loss) changes nothing that a checkpoint holds: no weight, optimiser buffer or queue moves,
+and the model's buffers (BatchNorm running statistics, which the forward already updated
+from the bad batch) are put back as they were before the step. Its reason names the
+images whose crops held non-finite values, on every worker (`image_ids`: the batch's ids).
+
 The same code runs on every device: `train.precision` autocasts on a CPU as on a GPU, and
 `train.channels_last` lays out the crops (and the model, in train/loop.py) on both.
 """
@@ -58,6 +64,7 @@ class StepMetrics:
     # None: the term's weight is 0, so it was not computed
     loss_local: float | None = None
     loss_l2g: float | None = None
+    skip_reason: str = ""  # why a non-finite step was skipped (its images, when their input was non-finite)
 
 
 def _value(term: torch.Tensor | None) -> float | None:
@@ -96,6 +103,9 @@ class GaelleStepper:
         self.iteration = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        # the model's buffers as they were before the current step, put back when it is skipped
+        self._buffers = list(self.model.buffers())
+        self._buffers_before = [b.detach().clone() for b in self._buffers]
 
     # -- queues ------------------------------------------------------------------------
 
@@ -144,14 +154,45 @@ class GaelleStepper:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item() > 0)
 
-    def step(self, crops: Sequence[torch.Tensor], epoch: int, total_epochs: int) -> StepMetrics:
-        """crops: one tensor per resolution, crop-major (n_r*B, 3, S_r, S_r)."""
+    def _nonfinite_images(self, inputs: Sequence[torch.Tensor], image_ids: torch.Tensor | None) -> list:
+        """The ids (or batch positions, without ids) of the images whose prepared crops hold a
+        non-finite value. inputs: per resolution (n_r*B, 3, S, S), crop-major."""
+        b = self.settings.batch_size
+        bad = torch.zeros(b, dtype=torch.bool, device=inputs[0].device)
+        for x in inputs:
+            bad |= (~torch.isfinite(x).flatten(1).all(1)).reshape(-1, b).any(0)  # (n_r*B,) -> (B,)
+        where = bad.nonzero().flatten().cpu().tolist()
+        if image_ids is None:
+            return [f"#{i}" for i in where]
+        return [int(image_ids[i]) for i in where]
+
+    def _skip_reason(self, error, inputs: Sequence[torch.Tensor], image_ids: torch.Tensor | None) -> str:
+        """The reason of a skipped step, with the images of non-finite input on any worker (a
+        collective: every worker skips the step together)."""
+        mine = self._nonfinite_images(inputs, image_ids)
+        everyone = [mine]
+        if self.group is not None:
+            everyone = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(everyone, mine, group=self.group)
+        where = [", ".join(map(str, ids)) + (f" (worker {r})" if len(everyone) > 1 else "")
+                 for r, ids in enumerate(everyone) if ids]
+        reason = str(error or "another worker saw a non-finite loss")
+        if where:
+            reason += f"; non-finite input in image{'s' if sum(map(len, everyone)) > 1 else ''} " + ", ".join(where)
+        return reason
+
+    def step(self, crops: Sequence[torch.Tensor], epoch: int, total_epochs: int,
+             image_ids: torch.Tensor | None = None) -> StepMetrics:
+        """crops: one tensor per resolution, crop-major (n_r*B, 3, S_r, S_r); image_ids: (B,)
+        the batch's image ids, named when a step is skipped for their non-finite input."""
         t0 = time.perf_counter()
         lr = learning_rate(self.iteration, self.iters_per_epoch, total_epochs, self.config.optim)
         set_learning_rate(self.optimizer, lr)
         self.model.normalize_prototypes()
         self.start_queues(epoch)
         inputs = self._prepare(crops)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers_before, self._buffers)
 
         with autocast(self.amp_dtype, self.device):
             out = self.forward_model(inputs)
@@ -167,7 +208,7 @@ class GaelleStepper:
 
         self.optimizer.zero_grad(set_to_none=True)
         if not self._all_finite(error is None):
-            return self._skip(error, lr, t0)
+            return self._skip(self._skip_reason(error, inputs, image_ids), lr, t0)
         self.scaler.scale(terms.total).backward()
         drop_prototype_gradients(self.model, self.iteration, self.config.optim.freeze_prototypes_niters)
         self.scaler.unscale_(self.optimizer.optim)
@@ -175,7 +216,8 @@ class GaelleStepper:
         if not self.scaler.is_enabled() and not bool(grads_finite):
             # fp16's scaler skips such a step itself and shrinks its scale; without it a NaN
             # gradient with a finite loss (seen: bf16 convolutions on a CPU) would reach the weights
-            return self._skip(f"non-finite gradients in {self._nonfinite_gradients()} (the loss was finite)", lr, t0)
+            return self._skip(self._skip_reason(f"non-finite gradients in {self._nonfinite_gradients()} (the loss "
+                                                "was finite)", inputs, image_ids), lr, t0)
         self.scaler.step(self.optimizer.optim)
         self.scaler.update()
         self.nonfinite_in_a_row = 0
@@ -187,7 +229,10 @@ class GaelleStepper:
                            code_entropy=entropy, prototypes_in_use=in_use, nonfinite=False,
                            step_seconds=time.perf_counter() - t0)
 
-    def _skip(self, error, lr: float, t0: float) -> StepMetrics:
+    def _skip(self, reason: str, lr: float, t0: float) -> StepMetrics:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._buffers:  # the forward's BatchNorm updates came from the bad batch
+            torch._foreach_copy_(self._buffers, self._buffers_before)
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         self.iteration += 1
@@ -195,12 +240,13 @@ class GaelleStepper:
         if self.nonfinite_in_a_row >= limit:
             raise TooManyNonFiniteSteps(
                 f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps = {limit}) at "
-                f"iteration {self.iteration}: {error or 'another worker saw a non-finite loss'}")
+                f"iteration {self.iteration}: {reason}")
         nan = float("nan")
         w_local, w_l2g = self.settings.weights[1:]
         return StepMetrics(loss=nan, loss_global=nan, loss_local=nan if w_local else None,
                            loss_l2g=nan if w_l2g else None, lr=lr, code_entropy=nan,
-                           prototypes_in_use=nan, nonfinite=True, step_seconds=time.perf_counter() - t0)
+                           prototypes_in_use=nan, nonfinite=True, step_seconds=time.perf_counter() - t0,
+                           skip_reason=reason)
 
     def _nonfinite_gradients(self) -> str:
         names = [n for n, p in self.model.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]

@@ -88,7 +88,7 @@ def build_trainer(config: Config, tracking_uri: str = "", run_id: str = "", call
         name=RUN_NAME, storage_path=storage.normalise(config.ray.storage_path or tc.run_dir),
         num_workers=tc.num_workers, use_gpu=tc.use_gpu, cpus_per_worker=config.ray.num_cpus_per_worker,
         keep_checkpoints=tc.keep_checkpoints, max_failures=tc.max_failures, callbacks=callbacks,
-        datasets={"train": make_stream_factory(config)},
+        placement_strategy=config.ray.placement_strategy, datasets={"train": make_stream_factory(config)},
         dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options())
         if config.data.preserve_order else None)
 
@@ -140,9 +140,18 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
         _log_config_artifact(config, tracking_uri, run_id)
 
     clear_stop_reason(run_uri)
-    result = build_trainer(config, tracking_uri, run_id, callbacks).fit()
-    metrics = dict(result.metrics or {})
-    checkpoint = _checkpoint_uri(result.checkpoint) if result.checkpoint else None
+    try:
+        result = build_trainer(config, tracking_uri, run_id, callbacks).fit()
+    except Exception:  # a worker that stopped the run (its data failed) and no restart left to see the record
+        if not read_stop_reason(run_uri):
+            raise
+        result = None
+    metrics = dict(result.metrics or {}) if result else {}
+    if result is not None:
+        checkpoint = _checkpoint_uri(result.checkpoint) if result.checkpoint else None
+    else:
+        newest = storage.latest_epoch(run_uri)
+        checkpoint = None if newest is None else storage.join(run_uri, storage.checkpoint_name(newest))
     if track:  # down at the run's end: training is done and its records stay local; don't crash
         try:
             tracking.check_reachable(tracking_uri)
@@ -150,7 +159,7 @@ def pretrain(config: Config, *, resume: bool = False, address: str = "", track: 
             log.warning("%s: MLflow run %s is left unfinished, without its final artifacts; the checkpoints and "
                         "the run id (%s) stay in %s", exc, run_id, storage.RUN_ID_FILE, tc.run_dir)
             track = False
-    if track and checkpoint:
+    if track and result is not None and result.checkpoint:
         _log_final_artifacts(config, result.checkpoint, checkpoint, tracking_uri, run_id)
     stopped = read_stop_reason(run_uri)
     if stopped:

@@ -303,3 +303,77 @@ def test_stream_with_several_items_per_input_block_has_the_same_rows(
         for r in range(len(SIZES)):
             np.testing.assert_array_equal(stream_rows[f"crops_{r}"][k],
                                           grouped[f"crops_{r}"][got[pair]])
+
+
+# ----------------------------------------------------------------------------- unreadable shards (issue 15.8)
+
+
+@pytest.fixture
+def damaged_dir(shards_dir, tmp_path) -> str:
+    """A copy of the shards; the test deletes or truncates a shard of it."""
+    out = str(tmp_path / "shards")
+    shutil.copytree(shards_dir, out)
+    return out
+
+
+def _shard(folder, k):
+    return os.path.join(folder, "train", f"part-{k:05d}.parquet")
+
+
+def _truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_shard_damaged_after_the_stream_was_planned_stops_naming_it(damaged_dir, damage):
+    plan = pipeline.StreamPlan.from_config(_config(damaged_dir), rows_per_item=8)
+    pipeline.crop_item(plan, 0, plan.items[1])  # reads shard 0 (its footer is cached from now on)
+    (os.remove if damage == "deleted" else _truncate)(_shard(damaged_dir, 0))
+    with pytest.raises(pipeline.BadShardError) as info:
+        pipeline.crop_item(plan, 1, plan.items[1])
+    message = str(info.value)
+    assert _shard(damaged_dir, 0) in message and "rows [8, 16) of epoch 1" in message
+    assert "data.bad_shard_action=skip" in message
+    pipeline.crop_item(plan, 1, plan.items[3])  # the other shards still read
+
+
+def test_skip_drops_the_rows_of_a_damaged_shard_with_an_error_naming_it(damaged_dir, caplog):
+    config = _config(damaged_dir, data={"bad_shard_action": "skip"}, augmentation={"colour_on_device": False})
+    plan = pipeline.StreamPlan.from_config(config, rows_per_item=8)
+    _truncate(_shard(damaged_dir, 1))
+    with caplog.at_level("ERROR", logger=pipeline.__name__):
+        out = pipeline.crop_item(plan, 0, plan.items[3])  # shard 1 rows 0..8
+    assert len(out["image_id"]) == 0 and out["skipped"].dtype == np.int64
+    for r, (s, n) in enumerate(zip(SIZES, COUNTS)):  # the columns of a normal item, with no row
+        assert out[f"crops_{r}"].shape == (0, n, 3, s, s) and out[f"crops_{r}"].dtype == np.float16
+    assert _shard(damaged_dir, 1) in caplog.text and "its 8 rows are left out" in caplog.text
+    # a stream planned later (a restart, --resume) leaves the shard out of the epoch, saying so
+    with caplog.at_level("WARNING", logger=pipeline.__name__):
+        shards = pipeline.split_shards(config)
+    assert [p for p, _ in shards] == [_shard(damaged_dir, 0), _shard(damaged_dir, 2)]
+    assert "leaving out 1 unreadable shard" in caplog.text
+    with pytest.raises(ValueError, match="no shards"):  # stop (the default) does not look at the files here
+        pipeline.split_shards(_config(damaged_dir, data={"split": "nope"}))
+    assert len(pipeline.split_shards(_config(damaged_dir))) == 3
+
+
+def test_bad_shard_reason_reads_ray_s_wrapped_error():
+    inner = pipeline.BadShardError("shard /x/part-00001.parquet, rows [0, 8) of epoch 2, cannot be read (OSError)")
+    assert pipeline.bad_shard_reason(inner) == str(inner)
+    wrapped = RuntimeError("ray::MapBatches(crop_items)() (pid=1, ip=127.0.0.1)\n  File ...\n"
+                           f"gaelle_ray.data.pipeline.BadShardError: {inner}\n")
+    assert pipeline.bad_shard_reason(wrapped) == str(inner)
+    assert pipeline.bad_shard_reason(ValueError("something else")) is None
+
+
+def test_workers_see_a_crop_task_s_bad_shard_error_as_it_is(ray_local, damaged_dir):
+    """Through Ray Data: the worker-side iterator turns the task's wrapped error back into a
+    BadShardError naming the shard (what the training loop stops on)."""
+    config = _config(damaged_dir, train={"epochs": 1})
+    os.remove(_shard(damaged_dir, 2))
+    ds = pipeline.build_pretrain_stream(config, rows_per_item=ROWS_PER_ITEM)
+    with pytest.raises(pipeline.BadShardError, match="part-00002.parquet, rows \\[0, 8\\) of epoch 0"):
+        for _ in pipeline.epoch_batches(ds, 8, 6, 1):
+            pass

@@ -143,3 +143,36 @@ def test_non_finite_losses_stop_the_run_with_a_clear_error(ray_local, shards, tm
                                                   "train.num_workers": 1})
     with pytest.raises(PretrainStopped, match="non-finite loss.*2 non-finite steps in a row"):
         pretrain(config)
+
+
+def test_a_shard_truncated_mid_run_stops_it_naming_the_shard_and_skip_trains_without_it(ray_local, tmp_path):
+    """Issue 15.8 through Ray: a shard truncated after `prepare` (and after epoch 0's
+    checkpoint) stops the two-worker run at once with a clear error naming it, keeps the
+    checkpoint, and tags the MLflow run; with data.bad_shard_action=skip the resumed run
+    leaves the shard out and finishes."""
+    shards = tmp_path / "shards"
+    prepare_toy(str(shards), n_train=128, n_val=16, image_size=64, seed=0, shard_size=32)  # 4 shards of 32
+    run = tmp_path / "run"
+    quick = {"eval.online_every_epochs": 0, "train.max_failures": 1}
+    first = pretrain(_config(str(shards), run, **{**quick, "train.epochs": 1}))
+    kept = run / "train" / "epoch_00000" / "state.pt"
+    saved = kept.read_bytes()
+    bad = shards / "train" / "part-00001.parquet"
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 2)
+
+    with pytest.raises(PretrainStopped) as info:
+        pretrain(_config(str(shards), run, **{**quick, "train.epochs": 2}), resume=True)
+    message = str(info.value)
+    assert f"shard {bad}, rows [0, 32) of epoch 1, cannot be read" in message and "epoch_00000" in message, message
+    assert kept.read_bytes() == saved and not (run / "train" / "epoch_00001").exists()
+    from mlflow.tracking import MlflowClient
+    stopped = MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id)
+    assert stopped.info.status == "FAILED" and str(bad) in stopped.data.tags["stopped"]
+
+    result = pretrain(_config(str(shards), run, **{**quick, "train.epochs": 2, "data.bad_shard_action": "skip"}),
+                      resume=True)
+    state, meta = load_checkpoint(result.checkpoint)
+    assert meta["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0, 1]
+    assert state["worker"]["iteration"] == 8 + 6  # 128 images in epoch 0, 96 without the shard in epoch 1
+    assert result.mlflow_run_id == first.mlflow_run_id and _epoch_history(result) == [0, 1]

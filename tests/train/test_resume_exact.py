@@ -142,3 +142,33 @@ def test_resume_from_a_checkpoint_continues_the_same_run_bitwise(tmp_path):
     _assert_same(want, _snapshot(second.stepper))
     assert losses_resumed == losses_straight[N // 2:]
 
+
+
+def test_the_newest_complete_checkpoint_is_restored_even_when_ray_knows_an_older_one(tmp_path):
+    """A kill between Ray's upload of a checkpoint and Ray's record of it: Ray hands over the
+    older one, but the stream starts after the newest complete folder (make_stream_factory),
+    so the worker restores that one; a folder caught half uploaded does not count."""
+    from gaelle_ray import storage
+    from gaelle_ray.train.loop import checkpoint_to_restore
+
+    config = _config()
+    worker = _worker(config, init_seed=0)
+    run = tmp_path / "train"
+    for epoch in range(3):
+        _run(worker.stepper, config, range(epoch * ITERS_PER_EPOCH, (epoch + 1) * ITERS_PER_EPOCH))
+        write_checkpoint(worker, str(run / storage.checkpoint_name(epoch)), epoch, _gather_queues(worker))
+    state = run / "epoch_00002" / storage.STATE_FILE
+    with open(state, "r+b") as f:  # epoch 2 caught mid-upload: meta.json there, state.pt cut short
+        f.truncate(state.stat().st_size // 2)
+    assert storage.latest_epoch(str(run)) == 1
+
+    older = ray.train.Checkpoint.from_directory(str(run / "epoch_00000"))
+    chosen = checkpoint_to_restore(older, str(run))
+    assert chosen == str(run / "epoch_00001")
+    fresh = _worker(config, init_seed=5)
+    assert restore(fresh, chosen) == 2 and fresh.stepper.iteration == 2 * ITERS_PER_EPOCH
+    newest = ray.train.Checkpoint.from_directory(str(run / "epoch_00001"))
+    assert checkpoint_to_restore(newest, str(run)) is newest
+    assert checkpoint_to_restore(None, str(run)) == str(run / "epoch_00001")  # Ray knows none
+    assert checkpoint_to_restore(older, "") is older
+    assert checkpoint_to_restore(None, str(tmp_path / "empty")) is None
