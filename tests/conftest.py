@@ -94,3 +94,18 @@ def own_processes():
 
     return SimpleNamespace(cmdline=cmdline, descendants=descendants, mentioning=processes_mentioning,
                            stop=stop_processes)
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """free_port() -> a TCP port free on 127.0.0.1 (e.g. the gloo rendezvous of spawned workers)."""
+    return _free_port

@@ -5,7 +5,6 @@ collapse watch that reads it."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -68,12 +67,6 @@ def test_probe_scores_a_backbone_in_one_process(toy_shards):
     assert again == result
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, shards, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -84,8 +77,8 @@ def _worker(rank, port, shards, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_workers_score_what_one_scores(toy_shards, tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), toy_shards, str(tmp_path)), nprocs=2, start_method="spawn")
+def test_two_workers_score_what_one_scores(toy_shards, tmp_path, free_port):
+    mp.start_processes(_worker, args=(free_port(), toy_shards, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert r0["rows"] == [12, 8] and r1["rows"] == [12, 8]  # each worker extracts its half
     one = OnlineProbe(_settings(toy_shards)).evaluate(random_backbone(0), torch.device("cpu"))

@@ -2,7 +2,6 @@
 per-position BatchNorm of the semantic attention (with one collective, not one per position)."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,12 +9,6 @@ import torch.multiprocessing as mp
 
 from gaelle_ray.losses.sinkhorn import sinkhorn
 from gaelle_ray.model.gaelle import ProjectionHead, semantic_attention
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs():
@@ -55,8 +48,8 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+def test_two_gloo_processes_equal_one_process(tmp_path, free_port):
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     scores, head, fmap = _inputs()
 

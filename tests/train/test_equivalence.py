@@ -8,7 +8,6 @@ relative for conv1 vs 6e-6 for layer4), which would hide a real mismatch. In flo
 only float32 left is Sinkhorn (method.md), and both sides agree to ~1e-7."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -21,12 +20,6 @@ from gaelle_ray.model.norm import convert_group_batchnorm
 
 B, VG, VL, D, H = 3, 2, 4, 16, 4
 S = D // H
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(group=None):
@@ -64,8 +57,8 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_workers_equal_one_worker_with_the_global_batch(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+def test_two_workers_equal_one_worker_with_the_global_batch(tmp_path, free_port):
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
 
     model, crops, perm = _setup()

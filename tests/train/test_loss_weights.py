@@ -4,7 +4,6 @@ dict but frozen, the remaining terms are exactly what the full computation gives
 two DDP workers train it (no unused-parameter error)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -111,12 +110,6 @@ def test_swav_only_step_trains_without_the_local_branch_and_reports_no_local_ter
             torch.testing.assert_close(p, frozen_before[n], rtol=0, atol=0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -134,8 +127,8 @@ def _ddp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_ddp_workers_train_with_a_branch_off(tmp_path):
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+def test_two_ddp_workers_train_with_a_branch_off(tmp_path, free_port):
+    mp.start_processes(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     for r in range(2):
         results = torch.load(tmp_path / f"rank{r}.pt")
         for name, losses in results.items():

@@ -32,7 +32,6 @@ import pytest
 
 from gaelle_ray import tracking
 from gaelle_ray.config import ConfigError, load_config
-from gaelle_ray.data.prepare import prepare_toy
 from gaelle_ray.storage import load_checkpoint
 from gaelle_ray.train.trainer import pretrain
 
@@ -40,44 +39,30 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, STEPS = 3, 8  # 128 toy images / (batch 8 x 2 workers)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy") / "shards"
-    prepare_toy(str(out), n_train=128, n_val=16, image_size=64, seed=0)
-    return str(out)
-
-
-def _config(shards, run_dir, **extra):
-    base = {"data.shards": shards, "train.run_dir": str(run_dir), "augmentation.size_crops": "[48, 24]",
-            "model.hidden_mlp": 64, "model.feat_dim": 32, "model.nmb_prototypes": 20,
-            "model.nmb_local_prototypes": 20, "train.batch_size_per_worker": 8, "train.num_workers": 2,
-            "train.epochs": EPOCHS, "train.log_every_steps": 4, "train.max_failures": 3,
-            "ray.num_cpus_per_worker": 1, "ray.placement_strategy": "SPREAD", "queue.queue_length": 32,
-            "queue.epoch_queue_starts": 1, "optim.freeze_prototypes_niters": 4, "optim.warmup_epochs": 0,
-            "tracking.experiment": "test", "eval.online_every_epochs": 0}
-    base.update(extra)
-    return load_config(ROOT / "experiments" / "cpu_demo.yaml", [f"{k}={v}" for k, v in base.items()])
+# on top of the folder's small config (tests/train/conftest.py)
+LOST = {"train.epochs": EPOCHS, "train.max_failures": 3, "ray.placement_strategy": "SPREAD",
+        "eval.online_every_epochs": 0}
 
 
 # ----------------------------------------------------------------------------- the config key (fast)
 
 
-def test_placement_strategy_is_validated(tmp_path):
-    config = _config(str(tmp_path / "shards"), tmp_path / "run")
+def test_placement_strategy_is_validated(small_config, tmp_path):
+    config = small_config(str(tmp_path / "shards"), tmp_path / "run", **LOST)
     assert config.ray.placement_strategy == "SPREAD"
     assert load_config(ROOT / "experiments" / "cpu_demo.yaml").ray.placement_strategy == "PACK"  # Ray's default
     for good in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        assert _config("s", tmp_path, **{"ray.placement_strategy": good}).ray.placement_strategy == good
+        assert small_config("s", tmp_path, **{**LOST, "ray.placement_strategy": good}).ray.placement_strategy == good
     for bad in ("spread", "EVEN", "''"):
         with pytest.raises(ConfigError, match=r"ray\.placement_strategy: must be one of PACK, SPREAD, "
                                               r"STRICT_PACK, STRICT_SPREAD, got"):
-            _config("s", tmp_path, **{"ray.placement_strategy": bad})
+            small_config("s", tmp_path, **{**LOST, "ray.placement_strategy": bad})
 
 
-def test_placement_strategy_reaches_the_torch_trainer(tmp_path):
+def test_placement_strategy_reaches_the_torch_trainer(small_config, tmp_path):
     from gaelle_ray.train.trainer import build_trainer
 
-    trainer = build_trainer(_config(str(tmp_path / "shards"), tmp_path / "run"))
+    trainer = build_trainer(small_config(str(tmp_path / "shards"), tmp_path / "run", **LOST))
     assert trainer.scaling_config.placement_strategy == "SPREAD"
 
 
@@ -151,9 +136,9 @@ def _registered(run_dir: Path, name: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_node_lost_mid_epoch_restarts_from_newest_checkpoint(cluster, shards, tmp_path):
+def test_node_lost_mid_epoch_restarts_from_newest_checkpoint(cluster, shards, small_config, tmp_path):
     run_dir = tmp_path / "run"
-    config = _config(shards, run_dir)
+    config = small_config(shards, run_dir, **LOST)
     train = run_dir / "train"
     seen: dict = {}
     done = threading.Event()

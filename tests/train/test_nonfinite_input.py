@@ -8,7 +8,6 @@ The crops come as the stream makes them with the colour in the stream
 """
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -129,12 +128,6 @@ def test_stop_at_the_first_nan_batch_when_configured():
         st.step(_crops(config, 1, nan_image=3), 0, 3, image_ids=torch.tensor([4, 5, 6, 7]))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_workers(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -154,8 +147,8 @@ def _two_workers(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_workers_both_skip_and_both_name_the_other_workers_image(tmp_path):
-    mp.start_processes(_two_workers, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+def test_two_workers_both_skip_and_both_name_the_other_workers_image(tmp_path, free_port):
+    mp.start_processes(_two_workers, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["nonfinite"] and result["unchanged"], (rank, result)

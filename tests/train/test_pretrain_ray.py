@@ -12,40 +12,25 @@ import torch
 import torchvision
 
 from gaelle_ray import tracking
-from gaelle_ray.config import load_config
 from gaelle_ray.data.prepare import prepare_toy
 from gaelle_ray.storage import load_checkpoint
 from gaelle_ray.train.trainer import PretrainStopped, pretrain
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy") / "shards"
-    prepare_toy(str(out), n_train=128, n_val=16, image_size=64, seed=0)
-    return str(out)
-
-
-def _config(shards, run_dir, **extra):
-    base = {"data.shards": shards, "train.run_dir": str(run_dir), "augmentation.size_crops": "[48, 24]",
-            "model.hidden_mlp": 64, "model.feat_dim": 32, "model.nmb_prototypes": 20,
-            "model.nmb_local_prototypes": 20, "train.batch_size_per_worker": 8, "train.num_workers": 2,
-            "train.epochs": 2, "train.log_every_steps": 4, "ray.num_cpus_per_worker": 1, "queue.queue_length": 32,
-            "queue.epoch_queue_starts": 1, "optim.freeze_prototypes_niters": 4, "optim.warmup_epochs": 0,
-            "tracking.experiment": "test", "eval.data": shards, "eval.online_every_epochs": 1,
-            "eval.online_bank_images": 32, "eval.image_size": 48, "eval.resize_size": 56}
-    base.update(extra)
-    return load_config(ROOT / "experiments" / "cpu_demo.yaml", [f"{k}={v}" for k, v in base.items()])
+def _online(shards):
+    """Online evaluation every epoch, on the same toy shards."""
+    return {"eval.data": shards, "eval.online_every_epochs": 1, "eval.online_bank_images": 32,
+            "eval.image_size": 48, "eval.resize_size": 56}
 
 
 def _epoch_history(result, key="epoch_loss"):
     return [step for step, _ in tracking.metric_history(result.tracking_uri, result.mlflow_run_id, key)]
 
 
-def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path):
-    config = _config(shards, tmp_path / "run")
+def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, small_config, tmp_path):
+    config = small_config(shards, tmp_path / "run", **_online(shards))
     result = pretrain(config)
     ckpt = Path(result.checkpoint)
     assert ckpt.name == "epoch_00001" and (ckpt.parent / "epoch_00000").is_dir()
@@ -91,7 +76,7 @@ def test_two_workers_end_to_end_then_resume_with_one(ray_local, shards, tmp_path
     # a new run in the same directory is refused; --resume continues it with one worker
     with pytest.raises(ValueError, match="already holds a run"):
         pretrain(config)
-    more = _config(shards, tmp_path / "run", **{"train.epochs": 3, "train.num_workers": 1})
+    more = small_config(shards, tmp_path / "run", **{**_online(shards), "train.epochs": 3, "train.num_workers": 1})
     resumed = pretrain(more, resume=True)
     assert resumed.mlflow_run_id == result.mlflow_run_id
     assert _epoch_history(resumed) == [0, 1, 2]  # no gap, no duplicate
@@ -109,8 +94,8 @@ def _our_train_workers(own_processes):
             if own_processes.cmdline(pid).startswith("ray::RayTrainWorker")]
 
 
-def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shards, tmp_path, own_processes):
-    config = _config(shards, tmp_path / "run", **{"train.epochs": 3, "train.max_failures": 2})
+def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shards, small_config, tmp_path, own_processes):
+    config = small_config(shards, tmp_path / "run", **{**_online(shards), "train.epochs": 3, "train.max_failures": 2})
     marker = tmp_path / "run" / "train" / "epoch_00000" / "meta.json"
     killed = []
 
@@ -138,14 +123,14 @@ def test_worker_killed_mid_epoch_restarts_from_newest_checkpoint(ray_local, shar
     assert steps == sorted(set(steps))  # step metrics: no duplicates either
 
 
-def test_non_finite_losses_stop_the_run_with_a_clear_error(ray_local, shards, tmp_path):
-    config = _config(shards, tmp_path / "run", **{"loss.temperature": 1e-40, "train.max_nonfinite_steps": 2,
+def test_non_finite_losses_stop_the_run_with_a_clear_error(ray_local, shards, small_config, tmp_path):
+    config = small_config(shards, tmp_path / "run", **{**_online(shards), "loss.temperature": 1e-40, "train.max_nonfinite_steps": 2,
                                                   "train.num_workers": 1})
     with pytest.raises(PretrainStopped, match="non-finite loss.*2 non-finite steps in a row"):
         pretrain(config)
 
 
-def test_a_shard_truncated_mid_run_stops_it_naming_the_shard_and_skip_trains_without_it(ray_local, tmp_path):
+def test_a_shard_truncated_mid_run_stops_it_naming_the_shard_and_skip_trains_without_it(ray_local, small_config, tmp_path):
     """Issue 15.8 through Ray: a shard truncated after `prepare` (and after epoch 0's
     checkpoint) stops the two-worker run at once with a clear error naming it, keeps the
     checkpoint, and tags the MLflow run; with data.bad_shard_action=skip the resumed run
@@ -154,7 +139,7 @@ def test_a_shard_truncated_mid_run_stops_it_naming_the_shard_and_skip_trains_wit
     prepare_toy(str(shards), n_train=128, n_val=16, image_size=64, seed=0, shard_size=32)  # 4 shards of 32
     run = tmp_path / "run"
     quick = {"eval.online_every_epochs": 0, "train.max_failures": 1}
-    first = pretrain(_config(str(shards), run, **{**quick, "train.epochs": 1}))
+    first = pretrain(small_config(str(shards), run, **{**quick, "train.epochs": 1}))
     kept = run / "train" / "epoch_00000" / "state.pt"
     saved = kept.read_bytes()
     bad = shards / "train" / "part-00001.parquet"
@@ -162,7 +147,7 @@ def test_a_shard_truncated_mid_run_stops_it_naming_the_shard_and_skip_trains_wit
         f.truncate(bad.stat().st_size // 2)
 
     with pytest.raises(PretrainStopped) as info:
-        pretrain(_config(str(shards), run, **{**quick, "train.epochs": 2}), resume=True)
+        pretrain(small_config(str(shards), run, **{**quick, "train.epochs": 2}), resume=True)
     message = str(info.value)
     assert f"shard {bad}, rows [0, 32) of epoch 1, cannot be read" in message and "epoch_00000" in message, message
     assert kept.read_bytes() == saved and not (run / "train" / "epoch_00001").exists()
@@ -170,7 +155,7 @@ def test_a_shard_truncated_mid_run_stops_it_naming_the_shard_and_skip_trains_wit
     stopped = MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id)
     assert stopped.info.status == "FAILED" and str(bad) in stopped.data.tags["stopped"]
 
-    result = pretrain(_config(str(shards), run, **{**quick, "train.epochs": 2, "data.bad_shard_action": "skip"}),
+    result = pretrain(small_config(str(shards), run, **{**quick, "train.epochs": 2, "data.bad_shard_action": "skip"}),
                       resume=True)
     state, meta = load_checkpoint(result.checkpoint)
     assert meta["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0, 1]

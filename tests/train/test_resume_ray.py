@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gaelle_ray.config import load_config
 from gaelle_ray.data.prepare import prepare_toy
 from gaelle_ray.storage import load_checkpoint
 from gaelle_ray.train.trainer import pretrain
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +33,12 @@ def shards(tmp_path_factory):
     return str(out)
 
 
-def _config(shards, run_dir, epochs):
-    values = {"data.shards": shards, "train.run_dir": str(run_dir), "augmentation.size_crops": "[32, 16]",
-              "augmentation.colour_on_device": "true", "model.hidden_mlp": 64, "model.feat_dim": 32,
-              "model.nmb_prototypes": 20, "model.nmb_local_prototypes": 20, "train.batch_size_per_worker": 8,
-              "train.num_workers": 1, "train.epochs": epochs, "train.log_every_steps": 8,
-              "ray.num_cpus_per_worker": 1, "queue.queue_length": 16, "queue.local_queue_length": 128,
-              "queue.epoch_queue_starts": 0, "optim.freeze_prototypes_niters": 12, "optim.warmup_epochs": 1,
-              "eval.online_every_epochs": 0, "data.preserve_order": "true"}
-    return load_config(ROOT / "experiments" / "cpu_demo.yaml", [f"{k}={v}" for k, v in values.items()])
+# on top of the folder's small config (tests/train/conftest.py): one worker, every piece of
+# state in use across the checkpoint, and the ordered stream
+EXACT = {"augmentation.size_crops": "[32, 16]", "augmentation.colour_on_device": "true", "train.num_workers": 1,
+         "train.log_every_steps": 8, "queue.queue_length": 16, "queue.local_queue_length": 128,
+         "queue.epoch_queue_starts": 0, "optim.freeze_prototypes_niters": 12, "optim.warmup_epochs": 1,
+         "eval.online_every_epochs": 0, "data.preserve_order": "true"}
 
 
 def _differences(a, b, path=""):
@@ -68,10 +63,10 @@ def _compare(folder_a, folder_b):
         _differences(state_a["queues"], state_b["queues"], "queues")
 
 
-def test_stopped_after_one_epoch_and_resumed_ends_like_two_epochs_straight(ray_local, shards, tmp_path):
-    run_a = pretrain(_config(shards, tmp_path / "a", epochs=2), track=False)
-    pretrain(_config(shards, tmp_path / "b", epochs=1), track=False)
-    run_b = pretrain(_config(shards, tmp_path / "b", epochs=2), resume=True, track=False)
+def test_stopped_after_one_epoch_and_resumed_ends_like_two_epochs_straight(ray_local, shards, small_config, tmp_path):
+    run_a = pretrain(small_config(shards, tmp_path / "a", **EXACT, **{"train.epochs": 2}), track=False)
+    pretrain(small_config(shards, tmp_path / "b", **EXACT, **{"train.epochs": 1}), track=False)
+    run_b = pretrain(small_config(shards, tmp_path / "b", **EXACT, **{"train.epochs": 2}), resume=True, track=False)
 
     # before the resume: run B's first part is run A's epoch 0
     differ = _compare(Path(run_a.checkpoint).parent / "epoch_00000", Path(run_b.checkpoint).parent / "epoch_00000")
