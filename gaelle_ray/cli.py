@@ -102,6 +102,11 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
     from gaelle_ray.tracking import ui_hint
     print(ui_hint(result.tracking_uri, result.parent_run_id))
+    failed = [t for t in result.trials if t["error"]]
+    if failed:  # the best of the others is written, but a job runner must see that the sweep is incomplete
+        print(f"gaelle sweep: {len(failed)} of {len(result.trials)} trials failed (above); "
+              f"`gaelle sweep --config {args.config} --resume` runs them again", file=sys.stderr)
+        return 1
     return 0
 
 

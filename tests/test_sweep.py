@@ -77,3 +77,27 @@ def test_pruning_on_a_loss_across_loss_scales_warns_and_online_needs_evaluation(
     assert not [r for r in caplog.records if "not comparable" in r.getMessage()]
     with pytest.raises(ConfigError, match="scheduler.metric: online_map is measured only with online evaluation"):
         load_sweep(_sweep_file(tmp_path, {"type": "asha"}, **{"eval.online_every_epochs": 0}))
+
+
+def test_a_sweep_with_a_failed_trial_exits_non_zero_and_says_how_to_rerun_it(monkeypatch, capsys):
+    """The best of the finished trials is reported, but `ray job submit` and shell scripts
+    must see that the sweep is incomplete."""
+    import gaelle_ray.preflight as preflight
+    import gaelle_ray.tune as sweep
+    from gaelle_ray import cli
+
+    trials = [{"params": {"optim.base_lr": 0.3}, "map": 0.41, "collapsed": False, "error": None},
+              {"params": {"optim.base_lr": 0.6}, "map": None, "collapsed": None, "error": "WorkerGroupError: boom"}]
+    monkeypatch.setattr(preflight, "check_pretrain_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(preflight, "check_location", lambda *a, **k: None)
+    result = sweep.SweepResult("best.yaml", 0.41, trials, "parent", "sqlite:///x.db")
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: result)
+    monkeypatch.setattr(sweep.tracking, "ui_hint", lambda *a, **k: "the MLflow link")
+    config = str(ROOT / "experiments" / "sweeps" / "toy_tiny.yaml")
+    assert cli.main(["sweep", "--config", config]) == 1
+    out, err = capsys.readouterr()
+    assert "error: WorkerGroupError: boom" in out and "mAP 0.4100" in out
+    assert err.strip() == (f"gaelle sweep: 1 of 2 trials failed (above); `gaelle sweep --config {config} --resume` "
+                           "runs them again")
+    trials.pop()
+    assert cli.main(["sweep", "--config", config]) == 0
