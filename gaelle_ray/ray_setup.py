@@ -33,8 +33,15 @@ log = logging.getLogger(__name__)
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     """Connect to Ray: a running cluster ("auto" or ray://...), or a new local instance bound
     to loopback. A local instance started here has token authentication off unless
-    RAY_AUTH_MODE says otherwise (it only listens on 127.0.0.1); clusters keep their own
-    setting (see README: clusters and tokens). Does nothing when Ray is already up."""
+    RAY_AUTH_MODE says otherwise; clusters keep their own setting (see README: clusters and
+    tokens). Does nothing when Ray is already up.
+
+    Loopback is what we ask for, not all Ray does (Ray 2.60, checked with `ss -ltnp`): its
+    node address becomes the machine's own IP, and the GCS, raylet and worker gRPC servers
+    listen on every interface; only the dashboard stays on 127.0.0.1. Without a token, a
+    machine that can reach this one can reach those ports. RAY_AUTH_MODE=token with
+    RAY_AUTH_TOKEN set protects them (RAY_AUTH_MODE=token alone makes the GCS abort: no
+    token is generated for it here)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
