@@ -226,7 +226,7 @@ def split_shards(config) -> list[tuple[str, int]]:
     if not shards:
         raise ValueError(f"data.split = {split!r}: no shards of that split in {uri} "
                          f"(splits: {sorted(manifest.get('counts', {}))})")
-    if getattr(config.data, "bad_shard_action", "stop") == "skip":
+    if config.data.bad_shard_action == "skip":
         problems = {p: shard_problem(p, n) for p, n in shards}
         bad = {p: why for p, why in problems.items() if why}
         if bad:
