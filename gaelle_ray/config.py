@@ -319,13 +319,6 @@ class RayConfig:
     # takes fewer workers with it); STRICT_* = exactly so, or the workers wait for nodes
     placement_strategy: str = "PACK"
 
-    PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # not a field: no annotation
-
-    def __post_init__(self) -> None:
-        if self.placement_strategy not in self.PLACEMENT_STRATEGIES:
-            raise ValueError(f"ray.placement_strategy: must be one of {', '.join(self.PLACEMENT_STRATEGIES)}, "
-                             f"got {self.placement_strategy!r}")
-
 
 @dataclass(frozen=True)
 class TrackingConfig:
@@ -408,6 +401,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 EVAL_DATASETS = ("coco", "voc", "toy")
 COLLAPSE_ACTIONS = ("warn", "stop")
 BAD_SHARD_ACTIONS = ("stop", "skip")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def _plain(value: Any) -> Any:
@@ -648,6 +642,9 @@ def validate(config: Config, source: str = "<config>") -> None:
     if config.data.bad_shard_action not in BAD_SHARD_ACTIONS:
         fail("data.bad_shard_action", f"must be one of {', '.join(BAD_SHARD_ACTIONS)}, "
              f"got {config.data.bad_shard_action!r}")
+    if config.ray.placement_strategy not in PLACEMENT_STRATEGIES:
+        fail("ray.placement_strategy", f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+             f"got {config.ray.placement_strategy!r}")
     if train.collapse_action not in COLLAPSE_ACTIONS:
         fail("train.collapse_action", f"must be one of {', '.join(COLLAPSE_ACTIONS)}, "
              f"got {train.collapse_action!r}")
